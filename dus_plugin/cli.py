@@ -1,0 +1,138 @@
+"""The `dus` command line: parse, call one library function, render errors as one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from dus_plugin.errors import DusError
+
+LOG = logging.getLogger("dus_plugin")
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DusError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing was left in the output folder", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log what each stage is doing.")
+@click.version_option(package_name="dus-plugin")
+def main(verbose: bool) -> None:
+    """Depth up-scaling (SOLAR) of language models through mergekit."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for noisy in ("mergekit", "huggingface_hub", "transformers"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@main.command()
+@click.argument("base")
+@click.option("--drop", "-m", "drop", type=int, default=None, help="Overlap m: layers dropped per copy [default: n/4].")
+@click.option("--layers", default=None, help="Explicit stacking instead of --drop, e.g. 0:24,8:32 or 0,1,2,2,3.")
+@click.option("--method", type=click.Choice(["solar", "identity"]), default="solar", show_default=True,
+              help="identity: zero the output projections of duplicated copies (the base's function at step 0).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Output dtype [default: the base's].")
+@click.option("--revision", default=None, help="Hub revision of BASE.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the mergekit YAML here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_handle_errors
+def plan(base: str, drop: int | None, layers: str | None, method: str, dtype: str | None, revision: str | None,
+         output: Path | None, as_json: bool) -> None:
+    """Plan a DUS of BASE (folder or Hub id): print the layer map, write stock mergekit YAML."""
+    from dus_plugin.plan import format_layer_map, layer_list_plan, parse_layers, solar_plan
+    from dus_plugin.recipe import build_recipe, render_recipe
+    from dus_plugin.source import check_decoder_lm, resolve_base
+
+    if drop is not None and layers is not None:
+        raise click.UsageError("--drop and --layers are alternatives; give one")
+    b = resolve_base(base, revision)
+    check_decoder_lm(b)
+    p = layer_list_plan(b.config, parse_layers(layers)) if layers else solar_plan(b.config, drop)
+    dtype = dtype or b.config.get("dtype") or b.config.get("torch_dtype")
+    doc = build_recipe(base, p, method=method, dtype=dtype)
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+    else:
+        click.echo(format_layer_map(p))
+    if output is not None:
+        from dus_plugin.io import atomic_write_text
+
+        atomic_write_text(output, render_recipe(doc, p, method=method, command=["dus", *sys.argv[1:]]))
+        click.echo(f"wrote {output}", err=True)
+
+
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (only once the new one is complete).")
+@click.option("--shard-size", default="5B", show_default=True, help="Output shard size in parameters.")
+@click.option("--no-verify", is_flag=True, help="Skip the tensor-by-tensor check against the base.")
+@click.option("--no-forward", is_flag=True, help="Verify tensors but skip loading the model for a forward pass.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_handle_errors
+def upscale(config: Path, out: Path, overwrite: bool, shard_size: str, no_verify: bool, no_forward: bool,
+            quiet: bool) -> None:
+    """Run recipe CONFIG with mergekit into OUT, write dus_manifest.json and verify."""
+    from dus_plugin.upscale import UpscaleOptions
+    from dus_plugin.upscale import upscale as run
+
+    m = run(config, out, UpscaleOptions(overwrite=overwrite, shard_size=shard_size, verify=not no_verify,
+                                       forward=not no_forward, quiet=quiet))
+    p = m["plan"]
+    click.echo(f"upscaled {m['base']['ref']}: {p['n']} -> {p['s']} layers ({m['method']}), "
+               f"{len(m['tensors'])} tensors{'' if no_verify else ', verified'} -> {out}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--base", default=None, help="Base folder or Hub id to compare against [default: the manifest's].")
+@click.option("--no-forward", is_flag=True, help="Skip loading the model for a forward pass.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_handle_errors
+def verify(out: Path, base: str | None, no_forward: bool, quiet: bool) -> None:
+    """Check an upscaled folder: tensors vs plan, config, tokenizer, forward pass."""
+    from dus_plugin.verify import verify as run
+
+    r = run(out, base=base, forward=not no_forward, quiet=quiet)
+    how = "bitwise equal to their planned base tensors" if r.against_base else "matching the manifest's hashes (base not found; pass --base)"
+    click.echo(f"ok: {r.tensors} tensors {how}; config and tokenizer follow the plan"
+               + ("; transformers forward pass ok" if r.forward else ""))
+
+
+@main.command("mergekit-yaml", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("config", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.pass_context
+@_handle_errors
+def mergekit_yaml(ctx: click.Context, config: Path, out: Path) -> None:
+    """mergekit's own `mergekit-yaml CONFIG OUT [options]`, with per-layer config lists fixed."""
+    from mergekit.scripts.run_yaml import main as mergekit_main
+
+    from dus_plugin.configfix import mergekit_per_layer_fix
+
+    with mergekit_per_layer_fix():
+        mergekit_main.main(args=[str(config), str(out), *ctx.args], prog_name="dus mergekit-yaml",
+                           standalone_mode=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""The DUS plan: n, m -> slices, layer map and parameter counts.
+
+Pure arithmetic on a base's ``config.json`` dict: no torch, no mergekit, no I/O.
+SOLAR (Kim et al., 2023): take the n-layer base twice, drop the last m layers of one copy and
+the first m of the other, stack them -> s = 2(n - m) layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from dus_plugin.errors import PlanError
+
+# Keys under which a config may hold its decoder settings (multimodal wrappers nest them).
+_TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
+
+
+def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The part of a config that describes the decoder stack."""
+    for key in _TEXT_CONFIG_KEYS:
+        sub = config.get(key)
+        if isinstance(sub, Mapping) and "num_hidden_layers" in sub:
+            return sub
+    return config
+
+
+def num_layers(config: Mapping[str, Any]) -> int:
+    """n, the base's layer count, or a PlanError that says which key was missing."""
+    n = text_config(config).get("num_hidden_layers")
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise PlanError(
+            f"config.json has no usable num_hidden_layers (got {n!r}); "
+            "DUS needs a decoder LM config that states its layer count"
+        )
+    return n
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Half-open source layer range [start, end), as mergekit's ``layer_range``."""
+
+    start: int
+    end: int
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.end)
+
+    def as_list(self) -> list[int]:
+        return [self.start, self.end]
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Parameters of a model: per decoder layer, outside the layers, and in total."""
+
+    per_layer: int
+    outside_layers: int
+    layers: int
+
+    @property
+    def total(self) -> int:
+        return self.outside_layers + self.per_layer * self.layers
+
+
+@dataclass(frozen=True)
+class DusPlan:
+    """What an upscale does: which source layer each output layer copies."""
+
+    n: int
+    slices: tuple[Slice, ...]
+    overlap: int | None = None
+    """m, when the plan is the SOLAR two-slice shape; None for an explicit layer list."""
+    params_before: ParamCount | None = field(default=None, compare=False)
+
+    @property
+    def s(self) -> int:
+        return len(self.layer_map)
+
+    @property
+    def layer_map(self) -> list[int]:
+        """layer_map[i] = the source layer that output layer i copies."""
+        return [i for sl in self.slices for i in sl.layers]
+
+    @property
+    def seam(self) -> list[int]:
+        """Output indices where a slice starts at a source layer that is not the previous + 1."""
+        lm = self.layer_map
+        return [i for i in range(1, len(lm)) if lm[i] != lm[i - 1] + 1]
+
+    @property
+    def duplicated_outputs(self) -> list[int]:
+        """Output layers whose source layer already appeared earlier in the stack."""
+        seen: set[int] = set()
+        dups = []
+        for i, src in enumerate(self.layer_map):
+            if src in seen:
+                dups.append(i)
+            seen.add(src)
+        return dups
+
+    @property
+    def params_after(self) -> ParamCount | None:
+        if self.params_before is None:
+            return None
+        p = self.params_before
+        return ParamCount(p.per_layer, p.outside_layers, self.s)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "n": self.n,
+            "m": self.overlap,
+            "s": self.s,
+            "slices": [sl.as_list() for sl in self.slices],
+            "layer_map": self.layer_map,
+            "seam": self.seam,
+            "duplicated_outputs": self.duplicated_outputs,
+        }
+        if self.params_before is not None:
+            d["params_before"] = self.params_before.total
+            d["params_after"] = self.params_after.total  # type: ignore[union-attr]
+            d["params_per_layer"] = self.params_before.per_layer
+        return d
+
+
+def default_overlap(n: int) -> int:
+    """The paper's choice, m = n/4 (8 for Mistral 7B's 32 layers), rounded down."""
+    return n // 4
+
+
+def solar_plan(config: Mapping[str, Any], overlap: int | None = None) -> DusPlan:
+    """Two slices [0, n-m) + [m, n) of the same base -> s = 2(n - m) layers."""
+    n = num_layers(config)
+    m = default_overlap(n) if overlap is None else overlap
+    if m <= 0:
+        raise PlanError(f"--drop must be at least 1 (got {m}); m = n/4 = {n // 4} is the paper's choice")
+    if 2 * m >= n:
+        raise PlanError(
+            f"--drop {m} gives s = 2({n}-{m}) = {2 * (n - m)} layers, no more than the base's {n}: "
+            f"choose m < n/2 = {n / 2:g}"
+        )
+    slices = (Slice(0, n - m), Slice(m, n))
+    return DusPlan(n=n, slices=slices, overlap=m, params_before=count_params(config))
+
+
+def parse_layers(spec: str) -> list[int]:
+    """Parse ``"0:24,8:32"`` (half-open ranges) or ``"0,1,2,2,3"`` (single indices) or a mix."""
+    layers: list[int] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        try:
+            if ":" in item:
+                a, b = (int(x) for x in item.split(":"))
+                if b <= a:
+                    raise PlanError(f"--layers range {item!r} is empty or reversed; write start:end with start < end")
+                layers.extend(range(a, b))
+            else:
+                layers.append(int(item))
+        except ValueError as e:
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"--layers item {item!r} is not an index or a start:end range; example: 0:24,8:32") from None
+    return layers
+
+
+def layer_list_plan(config: Mapping[str, Any], layers: Sequence[int]) -> DusPlan:
+    """Any stacking: output layer i copies source layer ``layers[i]``; runs become slices."""
+    n = num_layers(config)
+    if not layers:
+        raise PlanError("--layers is empty; give the source layer of every output layer, e.g. 0:24,8:32")
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise PlanError(f"--layers names layer {bad[0]}, outside the base's 0..{n - 1}")
+    slices: list[Slice] = []
+    start = prev = layers[0]
+    for i in list(layers[1:]) + [None]:  # type: ignore[list-item]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        slices.append(Slice(start, prev + 1))
+        if i is not None:
+            start = prev = i
+    return DusPlan(n=n, slices=tuple(slices), overlap=None, params_before=count_params(config))
+
+
+def count_params(config: Mapping[str, Any]) -> ParamCount | None:
+    """Parameter count of a Llama-like decoder from its config; None when a size is missing.
+
+    Covers the families mergekit passthrough handles for DUS: Llama, Mistral, Qwen2/3
+    (qkv bias, q/k norms), Gemma 2/3 (four norms per layer), Phi-3 (fused, same count).
+    """
+    c = text_config(config)
+    try:
+        d, f, h = int(c["hidden_size"]), int(c["intermediate_size"]), int(c["num_attention_heads"])
+        v, n = int(c["vocab_size"]), int(c["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    kv = int(c.get("num_key_value_heads") or h)
+    hd = int(c.get("head_dim") or d // h)
+    model_type = str(c.get("model_type", ""))
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    if model_type.startswith("qwen2"):
+        attn += (h + 2 * kv) * hd  # Qwen2 always has q/k/v biases
+    elif c.get("attention_bias"):
+        attn += (h + 2 * kv) * hd + d
+    if model_type.startswith(("qwen3", "gemma3")):
+        attn += 2 * hd  # q_norm, k_norm
+    mlp = 3 * d * f + (2 * f + d if c.get("mlp_bias") else 0)
+    norms = 4 * d if model_type.startswith("gemma2") or model_type.startswith("gemma3") else 2 * d
+    embed = v * d
+    tied = c.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
+    head = 0 if tied else v * d
+    return ParamCount(per_layer=attn + mlp + norms, outside_layers=embed + head + d, layers=n)
+
+
+def format_layer_map(plan: DusPlan) -> str:
+    """A compact human table: output ranges -> source ranges, with the seam marked."""
+    lines = [f"n={plan.n}  m={plan.overlap if plan.overlap is not None else '-'}  s={plan.s}"]
+    out = 0
+    for k, sl in enumerate(plan.slices):
+        length = sl.end - sl.start
+        mark = "  <- seam" if k > 0 else ""
+        lines.append(f"  out {out:>3}..{out + length - 1:<3} <- base {sl.start:>3}..{sl.end - 1:<3}{mark}")
+        out += length
+    if plan.params_before is not None:
+        before, after = plan.params_before.total, plan.params_after.total  # type: ignore[union-attr]
+        lines.append(f"  params {human_count(before)} -> {human_count(after)} (x{after / before:.2f})")
+    return "\n".join(lines)
+
+
+def human_count(x: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(x)

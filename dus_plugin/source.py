@@ -1,0 +1,107 @@
+"""Resolve a base model reference (local folder or Hub id) to its config and identity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dus_plugin.errors import BaseModelError
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base as the user named it, plus what we learned about it."""
+
+    ref: str
+    """What the user typed: a folder or a Hub repo id."""
+    config: dict[str, Any]
+    local_path: Path | None
+    """The folder holding config.json (for a Hub id: the cached snapshot)."""
+    hub_id: str | None
+    revision: str | None
+    """The Hub commit sha the config came from, when the base is on the Hub."""
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or ["?"])[0]
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
+
+
+def resolve_base(ref: str, revision: str | None = None) -> BaseModel:
+    """Read ``config.json`` of a local folder or a Hub model; raise BaseModelError if neither works."""
+    if _looks_like_path(ref):
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            raise BaseModelError(f"base folder {ref} does not exist; pass an existing model folder or a Hub id")
+        return BaseModel(ref, _read_config(path / "config.json", ref), path, None, None)
+    return _resolve_hub(ref, revision)
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> BaseModel:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        cfg_path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BaseModelError(
+            f"base {repo_id!r} is not a local folder and its config.json could not be fetched from the Hub "
+            f"({reason}); check the id and your network, or pass a local folder"
+        ) from None
+    # hf_hub_download returns .../snapshots/<commit>/config.json
+    commit = cfg_path.parent.name if cfg_path.parent.parent.name == "snapshots" else revision
+    return BaseModel(repo_id, _read_config(cfg_path, repo_id), cfg_path.parent, repo_id, commit)
+
+
+def _read_config(path: Path, ref: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise BaseModelError(f"base {ref} has no config.json; point at a transformers model folder")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BaseModelError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); re-download the base") from None
+    if not isinstance(cfg, dict):
+        raise BaseModelError(f"{path} is not a JSON object; re-download the base")
+    return cfg
+
+
+def check_decoder_lm(base: BaseModel) -> None:
+    """Refuse a base that is not a causal decoder LM that mergekit can slice by layers."""
+    from mergekit.architecture.json_definitions import NAME_TO_ARCH
+
+    arch = base.architecture
+    if not arch.endswith("ForCausalLM") or arch not in NAME_TO_ARCH:
+        raise BaseModelError(
+            f"base {base.ref} is a {arch}, not a decoder LM that mergekit knows; DUS needs a *ForCausalLM "
+            "architecture from mergekit's list (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...)"
+        )
+
+
+def layer_weight_names(base: BaseModel) -> list[str]:
+    """Tensor names of layer 0 as mergekit's architecture definition spells them."""
+    from mergekit.architecture import arch_info_for_config
+    from transformers import PretrainedConfig
+
+    cfg = PretrainedConfig.from_dict(base.config)
+    info = arch_info_for_config(cfg)
+    if info is None:
+        return []
+    return [w.name for mod in info.modules.values() for w in mod.architecture.layer_weights(0, cfg) or []]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

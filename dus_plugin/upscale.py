@@ -1,0 +1,198 @@
+"""Run a DUS recipe through mergekit's engine into a temporary folder, record, verify, rename."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dus_plugin import __version__
+from dus_plugin.configfix import mergekit_per_layer_fix
+from dus_plugin.errors import DusError, OutputExistsError, RecipeError, UpscaleError
+from dus_plugin.manifest import FORMAT, write_manifest
+from dus_plugin.plan import DusPlan, Slice, count_params
+from dus_plugin.recipe import Recipe, check_against_base, load_recipe
+from dus_plugin.source import BaseModel, check_decoder_lm, file_sha256, layer_weight_names, resolve_base
+from dus_plugin.tensors import TensorReader, check_readable, layer_index, tensor_sha256, with_layer
+
+LOG = logging.getLogger(__name__)
+TMP_MARK = ".dus-tmp-"
+
+
+@dataclass
+class UpscaleOptions:
+    overwrite: bool = False
+    shard_size: str = "5B"
+    """Output shard size in parameters, mergekit's syntax (5B, 500M)."""
+    verify: bool = True
+    forward: bool = True
+    """Let verification load the result with transformers and run a forward pass."""
+    quiet: bool = False
+
+
+def plan_of(recipe: Recipe, base_config: dict[str, Any]) -> DusPlan:
+    """The DusPlan a recipe describes; m is recognised when the layer map is SOLAR's shape."""
+    from dus_plugin.plan import num_layers
+
+    n = num_layers(base_config)
+    lm = recipe.layer_map
+    m = next((k for k in range(1, (n + 1) // 2) if lm == list(range(n - k)) + list(range(k, n))), None)
+    slices = (Slice(0, n - m), Slice(m, n)) if m else tuple(Slice(a, b) for a, b in recipe.layer_ranges)
+    return DusPlan(n=n, slices=slices, overlap=m, params_before=count_params(base_config))
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} is a file; choose a folder path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"output folder {out} exists and is not empty; pass --overwrite or choose another folder")
+    for stale in out.parent.glob(f".{out.name}{TMP_MARK}*") if out.parent.is_dir() else []:
+        LOG.info("removing %s, left by an interrupted run", stale)
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | None = None) -> dict[str, Any]:
+    """Merge ``recipe_path`` into ``out``; return the manifest. Nothing is left behind on failure."""
+    options = options or UpscaleOptions()
+    out = Path(out).absolute()
+    recipe_path = Path(recipe_path)
+    recipe = load_recipe(recipe_path)
+    base = resolve_base(recipe.model)
+    check_decoder_lm(base)
+    check_against_base(recipe, plan_of(recipe, base.config).n, where=str(recipe_path))
+    _check_filters(recipe, base, str(recipe_path))
+    prepare_output(out, options.overwrite)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        base_dir = _merge(recipe, recipe_path.read_text(encoding="utf-8"), base, tmp, options)
+        manifest = build_manifest(recipe, recipe_path, base, base_dir, tmp, quiet=options.quiet)
+        write_manifest(tmp, manifest)
+        if options.verify:
+            from dus_plugin.verify import verify
+
+            verify(tmp, base=base_dir, forward=options.forward, quiet=options.quiet)
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    LOG.info("upscaled %s -> %s (%d layers)", recipe.model, out, manifest["plan"]["s"])
+    return manifest
+
+
+def _check_filters(recipe: Recipe, base: BaseModel, where: str) -> None:
+    filters = {f for fs in recipe.zeroed_outputs().values() for f in fs}
+    if not filters:
+        return
+    names = layer_weight_names(base)
+    for f in sorted(filters):
+        if names and not any(f in n for n in names):
+            raise RecipeError(
+                f"{where}: scale filter {f!r} matches no layer tensor of {base.architecture}; "
+                f"its layer tensors are {', '.join(sorted({n.split('.', 3)[-1] for n in names}))}"
+            )
+
+
+def _merge(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path, options: UpscaleOptions) -> Path:
+    """Run mergekit; return the local folder of the base (downloaded by mergekit if on the Hub)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions, parse_kmb
+
+    base_dir = _local_base(base)
+    check_readable(base_dir)
+    merge_config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
+    merge_options = MergeOptions(
+        clone_tensors=True,  # duplicated layers would otherwise share storage on write
+        copy_tokenizer=True,
+        out_shard_size=parse_kmb(options.shard_size),
+        quiet=options.quiet,
+        write_model_card=True,
+    )
+    LOG.info("merging %s with mergekit into %s", recipe.model, tmp)
+    try:
+        with mergekit_per_layer_fix():
+            run_merge(merge_config, str(tmp), options=merge_options, config_source=recipe_text)
+    except DusError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UpscaleError(f"mergekit failed: {type(e).__name__}: {first}; nothing was written to the output") from None
+    for name in ("generation_config.json",):
+        if (base_dir / name).is_file() and not (tmp / name).exists():
+            shutil.copy(base_dir / name, tmp / name)
+    return base_dir
+
+
+def _local_base(base: BaseModel) -> Path:
+    if base.hub_id is None:
+        assert base.local_path is not None
+        return base.local_path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base.hub_id, revision=base.revision,
+                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+
+
+def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir: Path, folder: Path,
+                   quiet: bool = False) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    from tqdm import tqdm
+
+    plan = plan_of(recipe, base.config)
+    zeroed = recipe.zeroed_outputs()
+    tensors: dict[str, Any] = {}
+    with TensorReader(folder) as reader:
+        names = reader.names()
+        for name in tqdm(names, desc="Hashing output tensors", disable=quiet, unit="tensor"):
+            t = reader.get(name)
+            i = layer_index(name)
+            source = name if i is None else with_layer(name, plan.layer_map[i])
+            entry = {"source": source, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                     "sha256": tensor_sha256(t)}
+            if i is not None and any(f in name for f in zeroed.get(i, [])):
+                entry["zeroed"] = True
+            tensors[name] = entry
+    base_files = sorted({f for f in TensorReader(base_dir).map.values()})
+    return {
+        "format": FORMAT,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"dus_plugin": __version__, "mergekit": version("mergekit"),
+                     "transformers": version("transformers"), "torch": version("torch")},
+        "method": "identity" if zeroed else "solar",
+        "base": {
+            "ref": base.ref,
+            "hub_id": base.hub_id,
+            "revision": base.revision,
+            "local_path": str(base_dir.absolute()),
+            "architecture": base.architecture,
+            "config": base.config,
+            "files": {f: file_sha256(base_dir / f) for f in base_files},
+        },
+        "recipe": recipe.model_dump(exclude_none=True),
+        "recipe_file": recipe_path.name,
+        "recipe_yaml": recipe_path.read_text(encoding="utf-8"),
+        "plan": plan.to_dict(),
+        "tensors": tensors,
+        "stages": [{"stage": "upscale", "date": dt.date.today().isoformat()}],
+    }
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old folder is removed only after that works."""
+    trash = None
+    if out.exists():
+        trash = out.parent / f".{out.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+    os.replace(tmp, out)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,140 @@
+"""Check an upscaled folder against its plan: tensors, config, tokenizer, and a real forward pass."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dus_plugin.configfix import remap_per_layer
+from dus_plugin.errors import BaseModelError, VerifyError
+from dus_plugin.manifest import read_manifest
+from dus_plugin.plan import text_config
+from dus_plugin.tensors import TensorReader, tensor_sha256
+
+LOG = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass
+class VerifyReport:
+    folder: str
+    tensors: int = 0
+    against_base: bool = False
+    """True when every tensor was compared with the base's; False: with the manifest's hashes."""
+    forward: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def verify(folder: str | Path, base: str | Path | None = None, forward: bool = True,
+           quiet: bool = False) -> VerifyReport:
+    """Raise VerifyError naming the first mismatch; return what was checked."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VerifyError(f"{folder} is not a folder; pass the output folder of `dus upscale`")
+    manifest = read_manifest(folder)
+    report = VerifyReport(str(folder))
+    _check_config(folder, manifest)
+    _check_tokenizer(folder)
+    base_dir = _base_dir(manifest, base)
+    report.against_base = base_dir is not None
+    report.tensors = _check_tensors(folder, manifest, base_dir, quiet)
+    if forward:
+        _forward(folder)
+        report.forward = True
+    LOG.info("verified %s: %d tensors %s", folder, report.tensors,
+             "equal to the base's" if report.against_base else "match the manifest hashes")
+    return report
+
+
+def _check_config(folder: Path, manifest: dict[str, Any]) -> None:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise VerifyError(f"{folder} has no config.json")
+    cfg = json.loads(path.read_text())
+    plan = manifest["plan"]
+    got = text_config(cfg).get("num_hidden_layers")
+    if got != plan["s"]:
+        raise VerifyError(f"config.json num_hidden_layers is {got}, the plan says s = {plan['s']}")
+    expected = json.loads(json.dumps(text_config(manifest["base"]["config"])))
+    remap_per_layer(expected, plan["layer_map"])
+    actual = text_config(cfg)
+    for key, value in expected.items():
+        if isinstance(value, list) and key in actual and actual[key] != value:
+            raise VerifyError(f"config.json {key} does not follow the layer map: got {actual[key]}, expected {value}")
+
+
+def _check_tokenizer(folder: Path) -> None:
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES) or not (folder / "tokenizer_config.json").is_file():
+        raise VerifyError(f"{folder} has no tokenizer (tokenizer_config.json with tokenizer.json or tokenizer.model)")
+
+
+def _base_dir(manifest: dict[str, Any], base: str | Path | None) -> Path | None:
+    if base is not None:
+        path = Path(base)
+        if not path.is_dir():
+            from dus_plugin.source import resolve_base
+
+            resolved = resolve_base(str(base), manifest["base"].get("revision"))
+            from dus_plugin.upscale import _local_base
+
+            return _local_base(resolved)
+        return path
+    recorded = manifest["base"].get("local_path")
+    return Path(recorded) if recorded and Path(recorded).is_dir() else None
+
+
+def _check_tensors(folder: Path, manifest: dict[str, Any], base_dir: Path | None, quiet: bool) -> int:
+    import torch
+    from tqdm import tqdm
+
+    planned: dict[str, Any] = manifest["tensors"]
+    with TensorReader(folder) as out:
+        names = set(out.names())
+        missing = sorted(set(planned) - names)
+        if missing:
+            raise VerifyError(f"tensor {missing[0]} is in the plan but not in {folder}")
+        extra = sorted(names - set(planned))
+        if extra:
+            raise VerifyError(f"tensor {extra[0]} is in {folder} but not in the plan")
+        src = TensorReader(base_dir) if base_dir is not None else None
+        try:
+            for file, file_names in tqdm(list(out.by_file()), desc="Verifying shards", disable=quiet, unit="shard"):
+                for name in file_names:
+                    t, entry = out.get(name), planned[name]
+                    if tensor_sha256(t) != entry["sha256"]:
+                        raise VerifyError(f"tensor {name} in {file} does not match its hash in the manifest")
+                    if src is not None:
+                        _compare_with_source(name, t, entry, src, torch)
+        finally:
+            if src is not None:
+                src.__exit__(None, None, None)
+    return len(planned)
+
+
+def _compare_with_source(name: str, t, entry: dict[str, Any], src: TensorReader, torch) -> None:
+    source = entry["source"]
+    if source not in src.map:
+        raise VerifyError(f"tensor {name}: its planned source {source} is not in the base")
+    expected = src.get(source).to(t.dtype)
+    if entry.get("zeroed"):
+        expected = expected * 0.0
+    if expected.shape != t.shape or not torch.equal(expected, t):
+        raise VerifyError(f"tensor {name} differs from its planned source {source} in the base")
+
+
+def _forward(folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except Exception as e:
+        raise VerifyError(f"transformers cannot load {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    ids = torch.arange(1, 9).unsqueeze(0) % model.config.vocab_size
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    if not torch.isfinite(logits).all():
+        raise VerifyError(f"forward pass of {folder} gives non-finite logits")

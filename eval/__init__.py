@@ -1,0 +1,1 @@
+"""Evaluation hooks: perplexity and lm-evaluation-harness (shipped as dus_plugin.eval)."""

@@ -1,0 +1,40 @@
+"""Small helpers shared by tests: run the CLI in-process and read a model folder's tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner, Result
+
+from dus_plugin.cli import main
+
+
+def dus(*args: str) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result: Result, *needles: str) -> str:
+    """Exit != 0, stderr is one `error: ...` line, no traceback, and it mentions every needle."""
+    assert result.exit_code != 0, result.output
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def tensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def config(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "config.json").read_text())

@@ -1,0 +1,144 @@
+"""Every bad input ends with one clear line, exit != 0, no traceback and nothing half written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_one_line_error, dus
+
+
+def no_leftovers(parent: Path) -> None:
+    assert not [p for p in parent.iterdir() if ".dus-tmp-" in p.name]
+
+
+@pytest.fixture
+def recipe(tiny_llama, tmp_path) -> Path:
+    path = tmp_path / "r.yml"
+    assert dus("plan", tiny_llama, "--drop", 2, "-o", path).exit_code == 0
+    return path
+
+
+@pytest.mark.parametrize("drop,needle", [("0", "at least 1"), ("-1", "at least 1"), ("4", "choose m < n/2"),
+                                         ("6", "choose m < n/2")])
+def test_plan_bad_overlap(tiny_llama, drop, needle):
+    assert_one_line_error(dus("plan", tiny_llama, "--drop", drop), needle)
+
+
+def test_plan_missing_folder(tmp_path):
+    assert_one_line_error(dus("plan", tmp_path / "nope"), "does not exist")
+
+
+def test_plan_unknown_layer_count(tiny_llama, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    cfg = json.loads((base / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (base / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(dus("plan", base), "num_hidden_layers")
+
+
+def test_plan_not_a_decoder_lm(tmp_path):
+    base = tmp_path / "bert"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "num_hidden_layers": 12}))
+    assert_one_line_error(dus("plan", base), "BertModel", "not a decoder LM")
+
+
+def test_plan_hub_id_offline():
+    assert_one_line_error(dus("plan", "nobody/no-such-model"), "could not be fetched")
+
+
+def test_upscale_refuses_non_empty_output(recipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(dus("upscale", recipe, out, "-q"), "not empty", "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+    r = dus("upscale", recipe, out, "-q", "--overwrite")
+    assert r.exit_code == 0 and not (out / "keep.txt").exists() and (out / "dus_manifest.json").is_file()
+    no_leftovers(tmp_path)
+
+
+def test_upscale_into_empty_existing_folder(recipe, tmp_path):
+    (tmp_path / "out").mkdir()
+    assert dus("upscale", recipe, tmp_path / "out", "-q", "--no-forward").exit_code == 0
+
+
+def test_upscale_corrupt_safetensors(tiny_llama, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    data = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(data[: len(data) // 2])
+    path = tmp_path / "r.yml"
+    assert dus("plan", base, "--drop", 2, "-o", path).exit_code == 0
+    assert_one_line_error(dus("upscale", path, tmp_path / "out", "-q"), "model.safetensors", "not a readable")
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+def test_upscale_range_past_the_base(recipe, tmp_path):
+    recipe.write_text(recipe.read_text().replace("[2, 8]", "[2, 9]"))
+    assert_one_line_error(dus("upscale", recipe, tmp_path / "out"), "slices[1].sources[0].layer_range", "<= 8")
+
+
+def test_upscale_misspelled_key(recipe, tmp_path):
+    recipe.write_text(recipe.read_text().replace("dtype:", "dtyp:"))
+    assert_one_line_error(dus("upscale", recipe, tmp_path / "out"), "field dtyp: unknown key")
+
+
+def test_upscale_missing_recipe(tmp_path):
+    assert_one_line_error(dus("upscale", tmp_path / "none.yml", tmp_path / "out"), "does not exist")
+
+
+def test_upscale_missing_base_folder(recipe, tiny_llama, tmp_path):
+    recipe.write_text(recipe.read_text().replace(str(tiny_llama), str(tmp_path / "gone")))
+    assert_one_line_error(dus("upscale", recipe, tmp_path / "out"), "does not exist")
+
+
+def test_upscale_failing_merge_leaves_nothing(recipe, tiny_llama, tmp_path):
+    """A merge that fails at the end (base without a tokenizer) must not leave a folder."""
+    base = tmp_path / "notok"
+    shutil.copytree(tiny_llama, base)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (base / f).unlink()
+    recipe.write_text(recipe.read_text().replace(str(tiny_llama), str(base)))
+    assert_one_line_error(dus("upscale", recipe, tmp_path / "out", "-q"), "mergekit failed")
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+def test_verify_names_the_first_mismatch(recipe, tmp_path):
+    out = tmp_path / "out"
+    assert dus("upscale", recipe, out, "-q").exit_code == 0
+    r = dus("verify", out, "-q")
+    assert r.exit_code == 0 and "bitwise equal" in r.output
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(out / "model.safetensors")
+    sd["model.layers.7.mlp.up_proj.weight"][0, 0] += 1.0
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line_error(dus("verify", out, "-q"), "model.layers.7.mlp.up_proj.weight")
+
+
+def test_verify_against_base_catches_a_wrong_source(recipe, tmp_path):
+    """Hashes can be rewritten; the comparison with the base tensor cannot be fooled."""
+    out = tmp_path / "out"
+    assert dus("upscale", recipe, out, "-q").exit_code == 0
+    man = json.loads((out / "dus_manifest.json").read_text())
+    man["tensors"]["model.layers.6.self_attn.q_proj.weight"]["source"] = "model.layers.3.self_attn.q_proj.weight"
+    (out / "dus_manifest.json").write_text(json.dumps(man))
+    assert_one_line_error(dus("verify", out, "-q", "--no-forward"), "model.layers.6.self_attn.q_proj.weight",
+                          "differs from its planned source")
+
+
+def test_verify_layer_count_and_missing_manifest(recipe, tmp_path):
+    out = tmp_path / "out"
+    assert dus("upscale", recipe, out, "-q").exit_code == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["num_hidden_layers"] = 8
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(dus("verify", out, "-q"), "num_hidden_layers is 8", "s = 12")
+    (out / "dus_manifest.json").unlink()
+    assert_one_line_error(dus("verify", out), "dus_manifest.json")

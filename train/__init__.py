@@ -1,0 +1,1 @@
+"""Continued pretraining for depth-up-scaled models (shipped as dus_plugin.train)."""
