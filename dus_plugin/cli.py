@@ -118,6 +118,23 @@ def verify(out: Path, base: str | None, no_forward: bool, quiet: bool) -> None:
                + ("; transformers forward pass ok" if r.forward else ""))
 
 
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint.")
+@click.option("--stop-after", type=int, default=None, metavar="N", help="Stop after step N with a checkpoint.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_handle_errors
+def train(config: Path, resume: bool, stop_after: int | None, quiet: bool) -> None:
+    """Continued pretraining in one process (for several: accelerate launch -m dus_plugin.train)."""
+    from dus_plugin.train.config import load_train_config
+    from dus_plugin.train.loop import train as run
+
+    r = run(load_train_config(config), resume=resume, quiet=quiet, stop_after=stop_after)
+    click.echo(f"trained {r.steps} steps, {r.tokens} tokens; loss {r.loss:.4f}"
+               + (f", validation loss {r.val_loss:.4f}" if r.val_loss is not None else "")
+               + (f"; exported {r.export_dir}" if r.export_dir else ""))
+
+
 @main.command("mergekit-yaml", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))

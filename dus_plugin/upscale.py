@@ -115,7 +115,9 @@ def _merge(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path, options
         copy_tokenizer=True,
         out_shard_size=parse_kmb(options.shard_size),
         quiet=options.quiet,
-        write_model_card=True,
+        # mergekit's card looks every 'a/b' model name up on the Hub, which fails offline for a
+        # relative local path; dus writes its own card (`dus card`) and keeps the YAML below.
+        write_model_card=False,
     )
     LOG.info("merging %s with mergekit into %s", recipe.model, tmp)
     try:
@@ -126,6 +128,7 @@ def _merge(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path, options
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UpscaleError(f"mergekit failed: {type(e).__name__}: {first}; nothing was written to the output") from None
+    (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
     for name in ("generation_config.json",):
         if (base_dir / name).is_file() and not (tmp / name).exists():
             shutil.copy(base_dir / name, tmp / name)

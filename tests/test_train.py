@@ -1,0 +1,235 @@
+"""The continued-pretraining trainer on a tiny upscaled model: real transformers, real accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from dus_plugin.train.config import TrainConfigError, load_train_config
+from dus_plugin.train.data import PackedData, document_position_ids, tokenize_source
+from dus_plugin.train.loop import TrainingDiverged, train
+from dus_plugin.upscale import UpscaleOptions, upscale
+
+from conftest import REPO
+from helpers import tensors
+
+CORPUS = REPO / "data" / "tiny_corpus.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_dus(tiny_llama, tmp_path_factory) -> Path:
+    from click.testing import CliRunner
+
+    from dus_plugin.cli import main
+
+    root = tmp_path_factory.mktemp("dus")
+    CliRunner().invoke(main, ["plan", str(tiny_llama), "--drop", "2", "-o", str(root / "r.yml")])
+    upscale(root / "r.yml", root / "model", UpscaleOptions(quiet=True, forward=False))
+    return root / "model"
+
+
+def make_config(tmp_path: Path, model: Path, **over) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "cpt_tiny.yml").read_text())
+    cfg.update(model=str(model), output_dir=str(tmp_path / "run"))
+    cfg["data"]["sources"] = [{"path": str(CORPUS)}]
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# --- config -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("cpt_*.yml")), ids=lambda p: p.name)
+def test_shipped_training_configs_validate(path):
+    cfg = load_train_config(path)
+    assert cfg.grad_accum(1) >= 1 and cfg.total_steps() > 0
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"learning_rate": 1}, "field learning_rate: unknown key"),
+    ({"max_steps": None}, "exactly one of max_steps and max_tokens"),
+    ({"global_batch_size": 6}, "not a multiple of micro_batch_size"),
+    ({"precision": "fp8"}, "field precision"),
+    ({"data": {"sources": [{"path": "x.txt", "streaming": True}], "seq_len": 8}}, "field data.sources[0]"),
+    ({"seam": {"focus": "duplicated", "focus_steps": 0}}, "field seam"),
+])
+def test_config_errors_name_the_field(tmp_path, tiny_llama, change, field):
+    with pytest.raises(TrainConfigError) as e:
+        load_train_config(make_config(tmp_path, tiny_llama, **change))
+    assert field in str(e.value)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def _docs() -> list[str]:
+    return [d for d in CORPUS.read_text().split("\n\n") if d.strip()][:40]
+
+
+def test_every_source_kind_gives_the_same_tokens(tmp_path, tiny_llama):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from dus_plugin.train.config import DataSource
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    docs = [d.strip() for d in _docs()]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "a.parquet")
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "ds"))
+    streams = [tokenize_source(DataSource(path=str(tmp_path / name), text_field="body"), tok, tmp_path / "c", False)
+               for name in ("a.txt", "a.jsonl", "a.parquet", "ds")]
+    for s in streams[1:]:
+        assert np.array_equal(streams[0], s)
+    assert int((np.asarray(streams[0]) == tok.eos_token_id).sum()) == len(docs)  # EOS after every document
+    again = tokenize_source(DataSource(path=str(tmp_path / "a.txt"), text_field="body"), tok, tmp_path / "c", False)
+    assert isinstance(again, np.memmap)  # second read comes from the on-disk cache
+
+
+def test_packing_mixture_and_validation(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    other = tmp_path / "b.txt"
+    from dus_plugin.fixtures import tiny_corpus
+
+    other.write_text("\n\n".join(tiny_corpus(300, seed=99)))
+    cfg = load_train_config(make_config(tmp_path, tiny_llama, data={
+        "sources": [{"path": str(CORPUS), "weight": 3}, {"path": str(other), "weight": 1}],
+        "seq_len": 32, "val_fraction": 0.1, "cache_dir": str(tmp_path / "c")}))
+    data = PackedData(cfg.data, tok, tmp_path / "c", seed=0, total_samples=4000, show_progress=False)
+    assert 0.72 < (data.source_of == 0).mean() < 0.78
+    b = data.batch(0, 8)
+    assert b["input_ids"].shape == (8, 32) and (b["input_ids"] != tok.pad_token_id).all()  # no padding
+    train_rows = {tuple(data.sample(i)) for i in range(2000)}
+    val_rows = {tuple(r) for r in data.val_rows()}
+    assert val_rows and not (train_rows & val_rows)
+    # one epoch of source 1 visits each of its training rows exactly once
+    s1 = [tuple(data.sample(i)) for i in np.flatnonzero(data.source_of == 1)[: data.splits[1].n_train]]
+    assert len(set(s1)) == data.splits[1].n_train
+
+
+def test_document_mask_stops_attention_across_documents(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    eos = model.config.eos_token_id
+    a, b = torch.randint(3, 200, (1, 10)), torch.randint(3, 200, (1, 12))
+    packed = torch.cat([a, torch.tensor([[eos]]), b], dim=1)
+    pos = document_position_ids(packed, eos)
+    assert pos[0, 11].item() == 0 and pos[0, -1].item() == 11
+    with torch.no_grad():
+        alone = model(input_ids=b, use_cache=False).logits
+        masked = model(input_ids=packed, position_ids=pos, use_cache=False).logits[:, 11:]
+        unmasked = model(input_ids=packed, use_cache=False).logits[:, 11:]
+    torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked, alone, atol=1e-3)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def test_loss_falls_and_export_loads(tmp_path, tiny_dus):
+    cfg = load_train_config(make_config(tmp_path, tiny_dus, max_steps=30, tensorboard=True))
+    result = train(cfg, quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert result.val_loss is not None and rows[-1]["val_loss"] == result.val_loss
+    final = Path(result.export_dir)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.num_hidden_layers == 12 and (final / "tokenizer.json").is_file()
+    manifest = json.loads((final / "dus_manifest.json").read_text())
+    assert [s["stage"] for s in manifest["stages"]] == ["upscale", "train"]
+    assert manifest["stages"][-1]["tokens"] == 30 * 8 * 64
+    assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
+    assert set(result.phases) == {"focus", "all"}
+
+
+def test_focus_phase_trains_only_duplicated_layers(tmp_path, tiny_dus):
+    cfg = load_train_config(make_config(tmp_path, tiny_dus, max_steps=3, save_every=0, export=True,
+                                        seam={"focus": "duplicated", "focus_steps": 3}))
+    before = tensors(tiny_dus)
+    after = tensors(Path(train(cfg, quiet=True).export_dir))
+    dup = {6, 7, 8, 9}  # m = 2 on 8 layers: outputs 6..9 repeat base layers 2..5
+    for name, t in after.items():
+        layer = int(name.split(".")[2]) if ".layers." in name else None
+        assert torch.equal(t, before[name]) == (layer not in dup), name
+
+
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, tiny_dus):
+    full = load_train_config(make_config(tmp_path / "a", tiny_dus, max_steps=8, save_every=4))
+    ref = tensors(Path(train(full, quiet=True).export_dir))
+    cfg = load_train_config(make_config(tmp_path / "b", tiny_dus, max_steps=8, save_every=2))
+    train(cfg, quiet=True, stop_after=4)
+    ckpts = tmp_path / "b" / "run" / "checkpoints"
+    assert (ckpts / "step-0000004").is_dir() and not (tmp_path / "b" / "run" / "final").exists()
+    # a run killed while saving step 6: a temporary folder, and a folder without its state file
+    (ckpts / ".tmp-step-0000006").mkdir()
+    shutil.copytree(ckpts / "step-0000004", ckpts / "step-0000006")
+    (ckpts / "step-0000006" / "trainer_state.json").unlink()
+    result = train(cfg, quiet=True, resume=True)
+    got = tensors(Path(result.export_dir))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_dus):
+    cfg = load_train_config(make_config(tmp_path, tiny_dus, max_steps=40, save_every=1, grad_clip=None,
+                                        optimizer={"lr": 1e12}, schedule={"warmup_steps": 0}, seam={"focus": "none"}))
+    with pytest.raises(TrainingDiverged, match="loss became") as e:
+        train(cfg, quiet=True)
+    assert "step-" in str(e.value)
+    last = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    assert (last / "trainer_state.json").is_file()
+
+
+def test_two_process_accelerate_launch(tmp_path, tiny_dus):
+    """A real `accelerate launch` with 2 CPU processes (gloo): finishes, loses no step, loss falls."""
+    cfg = make_config(tmp_path, tiny_dus, max_steps=12, log_every=1, save_every=6, tensorboard=False)
+    exe = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(exe), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dus_plugin.train",
+                           str(cfg), "-q"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert rows[-1]["tokens"] == 12 * 8 * 64
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final").config.num_hidden_layers == 12
+
+
+@pytest.mark.parametrize("name,kind", [("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP"),
+                                       ("deepspeed_zero3.yaml", "DEEPSPEED")])
+def test_accelerate_config_files_load(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(REPO / "train" / name))
+    assert cfg.distributed_type.value == kind
+    if kind == "FSDP":
+        assert cfg.fsdp_config["fsdp_version"] == 2
+
+
+def test_dus_train_cli_reports_config_errors(tmp_path, tiny_llama):
+    from helpers import assert_one_line_error, dus
+
+    assert_one_line_error(dus("train", make_config(tmp_path, tiny_llama, lr=1)), "field lr: unknown key")
+    assert_one_line_error(dus("train", tmp_path / "none.yml"), "does not exist")

@@ -1,0 +1,39 @@
+"""`python -m dus_plugin.train CONFIG [--resume]`, the entry point for `accelerate launch`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dus_plugin.errors import DusError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dus_plugin.train", description="Continued pretraining of a DUS model.")
+    parser.add_argument("config", help="training YAML (see configs/cpt_tiny.yml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="stop after step N with a checkpoint (resume later with --resume)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "accelerate", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from dus_plugin.train.config import load_train_config
+    from dus_plugin.train.loop import train
+
+    try:
+        result = train(load_train_config(args.config), resume=args.resume, quiet=args.quiet,
+                       stop_after=args.stop_after)
+    except DusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"trained {result.steps} steps, {result.tokens} tokens; loss {result.loss:.4f}"
+          + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+          + (f"; exported {result.export_dir}" if result.export_dir else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Checkpoints through accelerate's save_state, made atomic by a temporary folder and a rename."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+LOG = logging.getLogger(__name__)
+_STEP = re.compile(r"^step-(\d+)$")
+STATE = "trainer_state.json"
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder is complete once it has its final name)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name) and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest(root: Path) -> Path | None:
+    found = checkpoints(root)
+    return found[-1] if found else None
+
+
+def save(accelerator: Any, root: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """Every process writes its part into .tmp-step-N; the main process renames it when all are done."""
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        LOG.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load(accelerator: Any, path: Path) -> dict[str, Any]:
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE).read_text())

@@ -1,0 +1,180 @@
+"""The training config: one typed YAML, validated at load, every error naming its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dus_plugin.errors import DusError
+
+
+class TrainConfigError(DusError, ValueError):
+    """The training YAML does not validate; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSource(Strict):
+    """One text source of the mixture."""
+
+    path: str
+    """A .txt file (one document per blank-line-separated block), .jsonl, .parquet, or a `datasets`
+    folder saved with save_to_disk; or `hf:NAME` for datasets.load_dataset(NAME)."""
+    text_field: str = "text"
+    """Column holding the text (.jsonl, .parquet, datasets)."""
+    weight: float = Field(1.0, gt=0)
+    """Relative share of training sequences drawn from this source."""
+    split: str = "train"
+    """Split for `hf:` datasets."""
+    streaming: bool = False
+    """Read an `hf:` dataset as a stream; tokenization stops at max_tokens."""
+    max_tokens: Optional[int] = Field(None, gt=0)
+    """Cap on tokens taken from this source (required with streaming)."""
+
+    @model_validator(mode="after")
+    def _stream_cap(self) -> "DataSource":
+        if self.streaming and self.max_tokens is None:
+            raise ValueError("streaming sources need max_tokens, the number of tokens to take from the stream")
+        return self
+
+
+class DataConfig(Strict):
+    sources: list[DataSource] = Field(min_length=1)
+    seq_len: int = Field(gt=1)
+    """Tokens per packed training sequence."""
+    val_fraction: float = Field(0.01, ge=0, lt=0.5)
+    """Share of each source's sequences held out for validation loss (taken from the end)."""
+    document_mask: bool = False
+    """Reset position ids at each document start so documents do not attend across boundaries."""
+    cache_dir: Optional[str] = None
+    """Where tokenized sources are cached [default: OUTPUT_DIR/../.token_cache]."""
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = Field(0.1, ge=0)
+    fused: Optional[bool] = None
+    """Fused AdamW; default: on for CUDA, off on CPU."""
+
+
+class ScheduleConfig(Strict):
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """WSD: share of the steps spent decaying at the end."""
+
+
+class SeamConfig(Strict):
+    """DUS-specific options, driven by dus_manifest.json in the model folder."""
+
+    focus: Literal["none", "duplicated", "seam_window"] = "none"
+    """Train only these layers for the first focus_steps steps (others get LR 0), then all."""
+    focus_steps: int = Field(0, ge=0)
+    window: int = Field(2, ge=1)
+    """seam_window: layers on each side of the seam."""
+    seam_lr_multiplier: float = Field(1.0, gt=0)
+    """LR multiplier for the seam window's layers for the whole run."""
+
+    @model_validator(mode="after")
+    def _steps(self) -> "SeamConfig":
+        if self.focus != "none" and self.focus_steps == 0:
+            raise ValueError("focus needs focus_steps > 0, the number of steps to train only the focused layers")
+        return self
+
+
+class EvalHookConfig(Strict):
+    every: int = Field(0, ge=0)
+    """Run the eval hook every N steps (0: only at the end, if text_files are given)."""
+    text_files: list[str] = []
+    """Held-out text files for perplexity (dus_plugin.eval); empty: validation loss only."""
+    max_tokens: int = Field(20000, gt=0)
+
+
+class TrainConfig(Strict):
+    model: str
+    """Folder of the (upscaled) model to train."""
+    output_dir: str
+    data: DataConfig
+    micro_batch_size: int = Field(gt=0)
+    global_batch_size: int = Field(gt=0)
+    """Sequences per optimizer step across all processes; accumulation = global / (micro x processes)."""
+    max_steps: Optional[int] = Field(None, gt=0)
+    max_tokens: Optional[int] = Field(None, gt=0)
+    """Alternative to max_steps: train until this many tokens were seen."""
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = Field(2, gt=0)
+    eval_every: int = Field(0, ge=0)
+    """Validation loss every N steps (0: only at the end)."""
+    val_batches: int = Field(8, gt=0)
+    seam: SeamConfig = SeamConfig()
+    eval: EvalHookConfig = EvalHookConfig()
+    tensorboard: bool = True
+    export: bool = True
+    """Write an HF folder (weights, tokenizer, manifest) to OUTPUT_DIR/final at the end."""
+
+    @model_validator(mode="after")
+    def _length(self) -> "TrainConfig":
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of max_steps and max_tokens")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size}")
+        return self
+
+    def grad_accum(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise TrainConfigError(
+                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size x processes "
+                f"= {self.micro_batch_size} x {world_size}; change one of them")
+        return self.global_batch_size // per_step
+
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        tokens_per_step = self.global_batch_size * self.data.seq_len
+        return max(1, -(-self.max_tokens // tokens_per_step))  # type: ignore[operator]
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"training config {path} does not exist; start from configs/cpt_tiny.yml")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise TrainConfigError(f"{path} is not valid YAML; fix the syntax") from None
+    if overrides:
+        data.update(overrides)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelled?)"
+        raise TrainConfigError(f"{path}: field {_loc(err['loc'])}: {msg}") from None

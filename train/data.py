@@ -1,0 +1,226 @@
+"""Data: read text sources, tokenize once (cached on disk), pack into full sequences, mix by weight.
+
+The sampler is a pure function of (seed, sample index): the data position of a run is one
+integer, so resume is exact and any world size sees the same global batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from dus_plugin.train.config import DataConfig, DataSource, TrainConfigError
+
+LOG = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def iter_documents(src: DataSource) -> Iterator[str]:
+    """Yield the documents of one source, by its kind."""
+    path = src.path
+    if path.startswith("hf:"):
+        yield from _iter_datasets(_load_hf(src), src)
+        return
+    p = Path(path)
+    if not p.exists():
+        raise TrainConfigError(f"data source {path} does not exist; check data.sources[].path")
+    if p.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[src.split]
+        yield from _iter_datasets(ds, src)
+    elif p.suffix == ".txt":
+        block: list[str] = []
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    block.append(line.rstrip("\n"))
+                elif block:
+                    yield "\n".join(block)
+                    block = []
+        if block:
+            yield "\n".join(block)
+    elif p.suffix == ".jsonl":
+        with open(p, encoding="utf-8") as f:
+            for k, line in enumerate(f, 1):
+                if line.strip():
+                    yield _field(json.loads(line), src, f"{p}:{k}")
+    elif p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(p, columns=[src.text_field])
+        yield from (t for t in table.column(src.text_field).to_pylist() if t)
+    else:
+        raise TrainConfigError(f"data source {path}: unknown kind {p.suffix!r}; use .txt, .jsonl, .parquet, "
+                               "a datasets folder or hf:NAME")
+
+
+def _field(row: dict[str, Any], src: DataSource, where: str) -> str:
+    if src.text_field not in row:
+        raise TrainConfigError(f"{where} has no field {src.text_field!r}; set data.sources[].text_field")
+    return row[src.text_field]
+
+
+def _load_hf(src: DataSource):
+    import datasets
+
+    return datasets.load_dataset(src.path[3:], split=src.split, streaming=src.streaming)
+
+
+def _iter_datasets(ds, src: DataSource) -> Iterator[str]:
+    for row in ds:
+        yield _field(row, src, src.path)
+
+
+def _fingerprint(src: DataSource, tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, src.model_dump(exclude={"weight"})], sort_keys=True).encode())
+    p = Path(src.path)
+    if p.exists():
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        for q in files:
+            st = q.stat()
+            h.update(f"{q.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    return h.hexdigest()[:20]
+
+
+def tokenize_source(src: DataSource, tokenizer, cache_dir: Path, show_progress: bool = True) -> np.ndarray:
+    """All documents of ``src`` as one uint32 token stream, EOS after each document; cached."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir / f"{Path(src.path).name.replace(':', '_')}-{_fingerprint(src, tokenizer)}.npy"
+    if cache.is_file():
+        LOG.info("using cached tokens %s", cache)
+        return np.load(cache, mmap_mode="r")
+    from tqdm import tqdm
+
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise TrainConfigError("the tokenizer has no eos_token; DUS training separates documents with EOS")
+    chunks: list[np.ndarray] = []
+    total, batch = 0, []
+    bar = tqdm(desc=f"Tokenizing {src.path}", unit="doc", disable=not show_progress)
+
+    def flush() -> None:
+        nonlocal total
+        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+            chunks.append(np.asarray(ids + [eos], dtype=np.uint32))
+            total += len(ids) + 1
+        bar.update(len(batch))
+        batch.clear()
+
+    for doc in iter_documents(src):
+        batch.append(doc)
+        if len(batch) == 256:
+            flush()
+            if src.max_tokens and total >= src.max_tokens:
+                break
+    if batch:
+        flush()
+    bar.close()
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint32)
+    if src.max_tokens:
+        tokens = tokens[: src.max_tokens]
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, tokens)
+    os.replace(tmp, cache)
+    return tokens
+
+
+@dataclass
+class Split:
+    """One source's packed sequences: rows of seq_len tokens, train then validation."""
+
+    tokens: np.ndarray
+    seq_len: int
+    n_train: int
+    n_val: int
+
+    def row(self, k: int) -> np.ndarray:
+        return np.asarray(self.tokens[k * self.seq_len:(k + 1) * self.seq_len], dtype=np.int64)
+
+
+class PackedData:
+    """Weighted mixture of packed sources, addressed by global sample index."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, cache_dir: Path, seed: int, total_samples: int,
+                 show_progress: bool = True):
+        self.cfg, self.seed, self.eos = cfg, seed, tokenizer.eos_token_id
+        self.splits: list[Split] = []
+        for k, src in enumerate(cfg.sources):
+            tokens = tokenize_source(src, tokenizer, cache_dir, show_progress)
+            n = len(tokens) // cfg.seq_len
+            n_val = math.ceil(n * cfg.val_fraction) if cfg.val_fraction > 0 else 0
+            if n - n_val < 1:
+                raise TrainConfigError(
+                    f"data.sources[{k}] ({src.path}) has {len(tokens)} tokens, less than one training sequence "
+                    f"of seq_len {cfg.seq_len} after the validation share; add text or lower data.seq_len")
+            self.splits.append(Split(tokens, cfg.seq_len, n - n_val, n_val))
+        weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
+        rng = np.random.default_rng([seed, 0xD05])
+        self.source_of = rng.choice(len(weights), size=total_samples, p=weights / weights.sum()).astype(np.int32)
+        self.rank_in_source = np.zeros(total_samples, dtype=np.int64)
+        for s in range(len(weights)):
+            mask = self.source_of == s
+            self.rank_in_source[mask] = np.arange(mask.sum())
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(s.n_train for s in self.splits) * self.cfg.seq_len
+
+    def _permutation(self, s: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, s, epoch]).permutation(self.splits[s].n_train)
+
+    def sample(self, i: int) -> np.ndarray:
+        """Training sequence number i of the run (epochs of a source are reshuffled each time)."""
+        s = int(self.source_of[i])
+        r = int(self.rank_in_source[i])
+        split = self.splits[s]
+        epoch, pos = divmod(r, split.n_train)
+        return split.row(int(self._permutation(s, epoch)[pos]))
+
+    def batch(self, first: int, size: int) -> dict[str, Any]:
+        return self._collate([self.sample(i) for i in range(first, first + size)])
+
+    def val_rows(self) -> list[np.ndarray]:
+        """Held-out rows, round-robin over sources, in a fixed order."""
+        per = [[sp.row(sp.n_train + k) for k in range(sp.n_val)] for sp in self.splits]
+        out: list[np.ndarray] = []
+        for k in range(max((len(p) for p in per), default=0)):
+            out.extend(p[k] for p in per if k < len(p))
+        return out
+
+    def collate(self, rows: list[np.ndarray]) -> dict[str, Any]:
+        return self._collate(rows)
+
+    def _collate(self, rows: list[np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        ids = torch.from_numpy(np.stack(rows))
+        batch: dict[str, Any] = {"input_ids": ids, "labels": ids.clone()}
+        if self.cfg.document_mask:
+            batch["position_ids"] = document_position_ids(ids, self.eos)
+        return batch
+
+
+def document_position_ids(ids, eos: int):
+    """Positions that restart after every EOS, so transformers masks attention per document."""
+    import torch
+
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, :-1] == eos
+    starts[:, 0] = True
+    idx = torch.arange(ids.shape[1]).expand_as(ids)
+    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - last_start

@@ -1,0 +1,256 @@
+"""The training loop: one readable loop over accelerate (one GPU, DDP, FSDP or DeepSpeed alike)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dus_plugin.errors import DusError
+from dus_plugin.train import checkpoint
+from dus_plugin.train.config import TrainConfig
+from dus_plugin.train.data import PackedData
+from dus_plugin.train.metrics import MetricsLog, plot_loss
+from dus_plugin.train.schedule import LRSchedule
+from dus_plugin.train.seam import param_groups, read_layout
+
+LOG = logging.getLogger(__name__)
+
+
+class TrainingDiverged(DusError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    loss: float | None
+    val_loss: float | None
+    output_dir: str
+    export_dir: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    tokens_per_second: float | None = None
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator, PartialState
+
+    accum = cfg.grad_accum(PartialState().num_processes)
+    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", gradient_accumulation_steps=accum)
+
+
+def _load_model(cfg: TrainConfig, accelerator):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(cfg.model) / "config.json").is_file():
+        raise DusError(f"model folder {cfg.model} has no config.json; set `model:` to an upscaled folder")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    return model, tokenizer
+
+
+def _optimizer(cfg: TrainConfig, model, accelerator):
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    groups = param_groups(model, cfg.seam, read_layout(cfg.model), cfg.optimizer.lr, cfg.optimizer.weight_decay)
+    fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else accelerator.device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
+                            fused=fused)
+    total = cfg.total_steps()
+    frozen_until = cfg.seam.focus_steps if cfg.seam.focus != "none" else 0
+    lambdas = [LRSchedule(cfg.schedule, total, frozen_until, g["focus"]) for g in groups]
+    return opt, LambdaLR(opt, lambdas)
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Run (or resume) the configured training; return what it did.
+
+    ``stop_after``: end after this many steps (counted from 0) with a checkpoint and no export,
+    for jobs with a time budget; ``resume=True`` later continues the same schedule.
+    """
+    import torch
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    accelerator = _accelerator(cfg)
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    set_seed(cfg.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    accum, total = cfg.grad_accum(world), cfg.total_steps()
+    model, tokenizer = _load_model(cfg, accelerator)
+    with accelerator.main_process_first():
+        data = PackedData(cfg.data, tokenizer, Path(cfg.data.cache_dir or out / "token_cache"), cfg.seed,
+                          total * cfg.global_batch_size, show_progress=accelerator.is_main_process and not quiet)
+    opt, sched = _optimizer(cfg, model, accelerator)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, opt = accelerator.prepare(model, opt)
+    accelerator.register_for_checkpointing(sched)
+
+    start, tokens_seen = 0, 0
+    if resume and (last := checkpoint.latest(ckpt_root)) is not None:
+        state = checkpoint.load(accelerator, last)
+        start, tokens_seen = state["step"], state["tokens"]
+        LOG.info("resumed from %s at step %d", last, start)
+    elif resume:
+        LOG.info("no checkpoint in %s; starting from step 0", ckpt_root)
+    metrics = MetricsLog(out, accelerator.is_main_process, cfg.tensorboard, resume_step=start)
+    tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
+    focus_steps = cfg.seam.focus_steps if cfg.seam.focus != "none" else 0
+    bar = tqdm(total=total, initial=start, desc="Training", unit="step",
+               disable=not accelerator.is_main_process or quiet)
+    last_loss = last_val = None
+    phase_losses: dict[str, list[float]] = {}
+    t_log, tok_log, rate = time.perf_counter(), 0, None
+    model.train()
+    end = total if stop_after is None else min(total, stop_after)
+    for step in range(start, end):
+        loss = _train_step(cfg, model, opt, data, accelerator, step, accum, world, rank)
+        if not math.isfinite(loss):
+            good = checkpoint.latest(ckpt_root)
+            raise TrainingDiverged(
+                f"loss became {loss} at step {step + 1}; weights were not updated with it and the last good "
+                f"checkpoint is {good or 'none (set save_every)'}; lower optimizer.lr or set grad_clip")
+        sched.step()
+        tokens_seen += tokens_per_step
+        tok_log += tokens_per_step
+        last_loss = loss
+        phase = "focus" if step < focus_steps else "all"
+        phase_losses.setdefault(phase, []).append(loss)
+        done = step + 1
+        row: dict[str, Any] = {}
+        if done % cfg.log_every == 0 or done == total:
+            rate = tok_log / (time.perf_counter() - t_log)
+            row = {"loss": loss, "lr": max(sched.get_last_lr()), "tokens_per_s": rate, "phase": phase}
+            t_log, tok_log = time.perf_counter(), 0
+        if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
+            last_val = validation_loss(cfg, model, data, accelerator)
+            row["val_loss"] = last_val
+        if row:
+            metrics.log({"step": done, "tokens": tokens_seen, **row})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}" if rate else "-")
+        if (cfg.save_every and done % cfg.save_every == 0) or done in (total, end):
+            checkpoint.save(accelerator, ckpt_root, done, {"step": done, "tokens": tokens_seen,
+                                                           "samples": done * cfg.global_batch_size}, cfg.keep_last)
+        bar.update(1)
+    bar.close()
+    metrics.close()
+    result = TrainResult(end, tokens_seen, last_loss, last_val, str(out),
+                         phases={k: sum(v) / len(v) for k, v in phase_losses.items()}, tokens_per_second=rate)
+    if accelerator.is_main_process:
+        plot_loss(metrics.rows(), out / "loss_curve.png")
+    if cfg.export and end == total:
+        result.export_dir = str(export(cfg, model, tokenizer, accelerator, result))
+    if accelerator.is_main_process:
+        (out / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
+    accelerator.end_training()
+    return result
+
+
+def _train_step(cfg: TrainConfig, model, opt, data: PackedData, accelerator, step: int, accum: int,
+                world: int, rank: int) -> float:
+    """One optimizer step over ``accum`` micro-batches; returns the mean loss across processes.
+
+    ``accelerator.accumulate`` owns the no-sync/sync and loss scaling, so DDP, FSDP and DeepSpeed
+    (whose engine counts micro-steps itself) all see the same loop. A non-finite loss skips the
+    update (except under DeepSpeed, whose engine steps inside backward).
+    """
+    import torch
+
+    micro = cfg.micro_batch_size
+    loss_sum = torch.zeros((), device=accelerator.device)
+    mean = float("nan")
+    for k in range(accum):
+        first = ((step * accum + k) * world + rank) * micro
+        batch = {key: v.to(accelerator.device) for key, v in data.batch(first, micro).items()}
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            loss_sum += loss.detach()
+            if accelerator.sync_gradients:
+                mean = accelerator.reduce(loss_sum, reduction="mean").item() / accum
+                if math.isfinite(mean):
+                    if cfg.grad_clip:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+    return mean
+
+
+def validation_loss(cfg: TrainConfig, model, data: PackedData, accelerator) -> float | None:
+    """Mean token loss on the held-out rows (sharded across processes)."""
+    import torch
+
+    rows = data.val_rows()[: cfg.val_batches * cfg.micro_batch_size * accelerator.num_processes]
+    if not rows:
+        return None
+    mine = rows[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for k in range(0, len(mine), cfg.micro_batch_size):
+            chunk = mine[k:k + cfg.micro_batch_size]
+            batch = {key: v.to(accelerator.device) for key, v in data.collate(chunk).items()}
+            total[0] += model(**batch).loss.double() * len(chunk)
+            total[1] += len(chunk)
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item()
+
+
+def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult) -> Path:
+    """An HF folder (safetensors, tokenizer, manifest with this run appended), renamed into place."""
+    import torch
+
+    final = Path(cfg.output_dir) / "final"
+    tmp = Path(cfg.output_dir) / ".tmp-final"
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
+        dtype = _saved_dtype(cfg.model)
+        state = {k.removeprefix("_orig_mod."): v.to(dtype) for k, v in state.items()}
+        unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _write_manifest(cfg, tmp, result)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        LOG.info("exported %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _saved_dtype(model_dir: str):
+    import torch
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return getattr(torch, name, torch.float32)
+
+
+def _write_manifest(cfg: TrainConfig, folder: Path, result: TrainResult) -> None:
+    src = Path(cfg.model) / "dus_manifest.json"
+    manifest = json.loads(src.read_text()) if src.is_file() else {"format": 1, "stages": []}
+    manifest.pop("tensors", None)  # weights changed: the per-tensor hashes describe the upscale, not this folder
+    manifest.setdefault("stages", []).append({
+        "stage": "train", "date": dt.date.today().isoformat(), "from": str(Path(cfg.model).absolute()),
+        "steps": result.steps, "tokens": result.tokens, "loss": result.loss, "val_loss": result.val_loss,
+        "config": cfg.model_dump(mode="json"),
+    })
+    (folder / "dus_manifest.json").write_text(json.dumps(manifest, indent=2))

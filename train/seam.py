@@ -1,0 +1,75 @@
+"""Seam-aware parameter groups: which output layers are duplicates, where the seam is, and LR per group.
+
+Layers outside the focus are "frozen" by a learning rate of 0 rather than requires_grad=False,
+so the same optimizer, DDP buckets and FSDP shards serve both phases (AdamW with lr 0 leaves a
+weight bit-for-bit unchanged, weight decay included).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dus_plugin.train.config import SeamConfig, TrainConfigError
+
+_LAYER = re.compile(r"\blayers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class SeamLayout:
+    """What the manifest says about the stack (all indices are output layers)."""
+
+    num_layers: int
+    seam: list[int]
+    duplicated: list[int]
+
+    def window(self, width: int) -> set[int]:
+        out: set[int] = set()
+        for s in self.seam:
+            out.update(range(max(0, s - width), min(self.num_layers, s + width)))
+        return out
+
+
+def read_layout(model_dir: str | Path) -> SeamLayout | None:
+    path = Path(model_dir) / "dus_manifest.json"
+    if not path.is_file():
+        return None
+    plan = json.loads(path.read_text())["plan"]
+    return SeamLayout(plan["s"], list(plan["seam"]), list(plan["duplicated_outputs"]))
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def param_groups(model: Any, seam: SeamConfig, layout: SeamLayout | None, lr: float,
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups keyed by (decay, in focus, in seam window), each with its own lr multiplier."""
+    if (seam.focus != "none" or seam.seam_lr_multiplier != 1.0) and layout is None:
+        raise TrainConfigError("seam.focus / seam.seam_lr_multiplier need dus_manifest.json in the model folder; "
+                               "train a folder made by `dus upscale` or set seam.focus: none")
+    focus: set[int] = set()
+    window: set[int] = set()
+    if layout is not None:
+        window = layout.window(seam.window)
+        focus = {"duplicated": set(layout.duplicated), "seam_window": window}.get(seam.focus, set())
+    groups: dict[tuple[bool, bool, bool], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = layer_of(name)
+        key = (p.ndim >= 2, layer in focus, seam.seam_lr_multiplier != 1.0 and layer in window)
+        g = groups.setdefault(key, {"params": [], "names": [], "weight_decay": weight_decay if key[0] else 0.0,
+                                    "focus": key[1], "lr_mult": seam.seam_lr_multiplier if key[2] else 1.0})
+        g["params"].append(p)
+        g["names"].append(name)
+    out = []
+    for g in groups.values():
+        g["lr"] = lr * g["lr_mult"]
+        g["initial_lr"] = g["lr"]
+        out.append(g)
+    return out
