@@ -233,3 +233,31 @@ def test_dus_train_cli_reports_config_errors(tmp_path, tiny_llama):
 
     assert_one_line_error(dus("train", make_config(tmp_path, tiny_llama, lr=1)), "field lr: unknown key")
     assert_one_line_error(dus("train", tmp_path / "none.yml"), "does not exist")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_fused_projections_compute_the_same_function(family, tiny_models):
+    from dus_plugin.train.fused import fuse_projections, unfuse_state_dict
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    fused = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    assert fuse_projections(fused) == ref.config.num_hidden_layers
+    assert not any(".q_proj." in n or ".gate_proj." in n for n, _ in fused.named_parameters())
+    ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids, use_cache=False).logits,
+                                   ref(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+    back = unfuse_state_dict(fused.state_dict(), fused.config)
+    original = ref.state_dict()
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+
+
+def test_training_with_fused_projections_exports_a_loadable_model(tmp_path, tiny_dus):
+    plain = train(load_train_config(make_config(tmp_path / "p", tiny_dus, max_steps=6, save_every=0)), quiet=True)
+    fused = train(load_train_config(make_config(tmp_path / "f", tiny_dus, max_steps=6, save_every=0,
+                                                fused_projections=True)), quiet=True)
+    assert abs(plain.loss - fused.loss) < 1e-3  # same function, GEMMs merged: float noise only
+    a, b = tensors(Path(plain.export_dir)), tensors(Path(fused.export_dir))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
+    AutoModelForCausalLM.from_pretrained(fused.export_dir)

@@ -115,11 +115,15 @@ class TrainConfig(Strict):
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
     compile: bool = False
+    fused_projections: bool = False
+    """Train with q|k|v and gate|up fused into single GEMMs (Llama, Mistral, Qwen2/3); export is unfused."""
     seed: int = 0
     log_every: int = Field(10, gt=0)
     save_every: int = Field(0, ge=0)
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = Field(2, gt=0)
+    save_final: bool = True
+    """Checkpoint at the last step too (what --resume continues from after the run ends)."""
     eval_every: int = Field(0, ge=0)
     """Validation loss every N steps (0: only at the end)."""
     val_batches: int = Field(8, gt=0)

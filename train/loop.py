@@ -56,6 +56,10 @@ def _load_model(cfg: TrainConfig, accelerator):
         raise DusError(f"model folder {cfg.model} has no config.json; set `model:` to an upscaled folder")
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
+    if cfg.fused_projections:
+        from dus_plugin.train.fused import fuse_projections
+
+        fuse_projections(model)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -144,7 +148,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         if row:
             metrics.log({"step": done, "tokens": tokens_seen, **row})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}" if rate else "-")
-        if (cfg.save_every and done % cfg.save_every == 0) or done in (total, end):
+        if (cfg.save_every and done % cfg.save_every == 0) or (cfg.save_final and done in (total, end)):
             checkpoint.save(accelerator, ckpt_root, done, {"step": done, "tokens": tokens_seen,
                                                            "samples": done * cfg.global_batch_size}, cfg.keep_last)
         bar.update(1)
@@ -226,6 +230,11 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
         unwrapped = getattr(unwrapped, "_orig_mod", unwrapped)
         dtype = _saved_dtype(cfg.model)
         state = {k.removeprefix("_orig_mod."): v.to(dtype) for k, v in state.items()}
+        if cfg.fused_projections:
+            from dus_plugin.train.fused import unfuse_state_dict
+
+            state = unfuse_state_dict(state, unwrapped.config)
+            unwrapped = _fresh_model(cfg.model)
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _write_manifest(cfg, tmp, result)
@@ -234,6 +243,15 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
         LOG.info("exported %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fresh_model(model_dir: str):
+    """An unfused module tree of the same architecture, on the meta device, to save a state dict with."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
 def _saved_dtype(model_dir: str):

@@ -1,0 +1,198 @@
+"""Training throughput of the DUS trainer against a plain transformers loop, measured side by side.
+
+Shape (issue 3): the 48-layer DUS shape of a Llama with hidden 2048, intermediate 5632, 32 heads,
+4 KV heads, vocab 32000 (2.25B params), seq 2048, bf16 autocast. Each variant runs in its own
+process (clean CUDA memory); the baseline is a plain loop: transformers model, bf16 autocast, SDPA,
+torch AdamW, no compile. MFU = tokens/s x (6N + 12 L d seq) / peak.
+
+  python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
+  python benchmarks/train_throughput.py --tiny      # CPU smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+H100_BF16_PEAK = 989e12
+SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
+             vocab_size=32000, num_hidden_layers=48, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, num_hidden_layers=4, max_position_embeddings=256)
+
+
+def flops_per_token(params: int, layers: int, hidden: int, seq: int) -> float:
+    return 6 * params + 12 * layers * hidden * seq
+
+
+def build_model(folder: Path, shape: dict) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dus_plugin.fixtures import make_tokenizer
+
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.architectures = ["LlamaForCausalLM"]
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def baseline(folder: Path, seq: int, micro: int, steps: int) -> dict:
+    """Plain loop: fp32 weights, bf16 autocast, SDPA, torch AdamW (foreach), no compile."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").to(dev)
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=False)
+    vocab = model.config.vocab_size
+    warm, t0 = 3, None
+    for step in range(steps):
+        if step == warm:
+            _sync(dev)
+            t0 = time.perf_counter()
+        ids = torch.randint(0, vocab, (micro, seq), device=dev)
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(dev)
+    return {"tok_s": (steps - warm) * micro * seq / (time.perf_counter() - t0), **_mem(dev)}
+
+
+def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: Path, work: Path) -> dict:
+    """The real trainer (dus_plugin.train) on packed text; rate of the last logging window."""
+    from dus_plugin.train.config import TrainConfig
+    from dus_plugin.train.loop import train
+
+    cfg = TrainConfig.model_validate({
+        "model": str(folder), "output_dir": str(work),
+        "data": {"sources": [{"path": str(data)}], "seq_len": seq, "val_fraction": 0.0},
+        "micro_batch_size": micro, "global_batch_size": micro, "max_steps": steps,
+        "optimizer": {"lr": 1e-5}, "precision": "bf16", "compile": "compile" in flags,
+        "fused_projections": "fused" in flags, "activation_checkpointing": "ac" in flags, "log_every": steps // 2,
+        "eval_every": 0, "save_every": 0, "save_final": False, "export": False, "tensorboard": False,
+    })
+    result = train(cfg, quiet=True)
+    import torch
+
+    return {"tok_s": result.tokens_per_second, **_mem("cuda" if torch.cuda.is_available() else "cpu")}
+
+
+def _sync(dev: str) -> None:
+    import torch
+
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def _mem(dev: str) -> dict:
+    import torch
+
+    return {"peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9} if dev == "cuda" else {}
+
+
+def _child(args: argparse.Namespace) -> None:
+    if args.variant == "build":  # in a child, so the parent holds no GPU memory
+        print("RESULT " + json.dumps({"params": build_model(Path(args.model_dir), TINY if args.tiny else SHAPE)}))
+        return
+    folder, flags = Path(args.model_dir), set(args.variant.split("+"))
+    micro = next((int(f[2:]) for f in flags if f.startswith("mb")), args.micro)
+    if "baseline" in flags:
+        res = baseline(folder, args.seq, micro, args.steps)
+    else:
+        work = Path(tempfile.mkdtemp())
+        try:
+            res = ours(folder, args.seq, micro, args.steps, flags, Path(args.data), work)
+        finally:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    res["micro_batch"] = micro
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny shape")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--variants", default="baseline,eager,compile,compile+fused",
+                    help="comma list; each is 'baseline' or trainer flags joined by '+': compile, fused (projections), "
+                         "ac (activation checkpointing), mbN (micro-batch)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return _child(args)
+    shape = TINY if args.tiny else SHAPE
+    if args.tiny:
+        args.seq, args.steps = 64, 6
+    work = Path(tempfile.mkdtemp())
+    params = _run_child(args, "build", work, None)["params"]
+    data = work / "text.txt"
+    from dus_plugin.fixtures import tiny_corpus
+
+    data.write_text("\n\n".join(tiny_corpus(3000, seed=1)))
+    fpt = flops_per_token(params, shape["num_hidden_layers"], shape["hidden_size"], args.seq)
+    results = {}
+    for variant in args.variants.split(","):
+        r = _run_child(args, variant, work, data)
+        if "tok_s" in r:
+            r["mfu"] = r["tok_s"] * fpt / H100_BF16_PEAK
+        results[variant] = r
+        print(variant, json.dumps(results[variant])[:400], flush=True)
+        if args.out:
+            _write(args, results, params, shape)
+    _write(args, results, params, shape, final=True)
+
+
+def _run_child(args: argparse.Namespace, variant: str, work: Path, data: Path | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--model-dir", str(work / "model"),
+           "--data", str(data), "--seq", str(args.seq), "--micro", str(args.micro), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return json.loads(line[7:]) if line else {"error": proc.stderr[-1500:]}
+
+
+def _write(args: argparse.Namespace, results: dict, params: int, shape: dict, final: bool = False) -> None:
+    best = max((v for k, v in results.items() if k != "baseline" and "tok_s" in v), key=lambda v: v["tok_s"], default={})
+    base = results.get("baseline", {})
+    report = {
+        "tok_s": best.get("tok_s"), "mfu": best.get("mfu"),
+        "baseline_tok_s": base.get("tok_s"), "baseline_mfu": base.get("mfu"),
+        "params": params, "seq": args.seq, "micro_batch": best.get("micro_batch", args.micro),
+        "best_variant": next((k for k, v in results.items() if v is best), None), "variants": results,
+        "device": _device_name(), "date": dt.date.today().isoformat(),
+    }
+    if final:
+        print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    main()
