@@ -1,0 +1,108 @@
+"""Sliding-window perplexity on local text, with bits per byte (comparable across tokenizers).
+
+Each window of ``max_length`` tokens starts ``stride`` tokens after the previous one and scores
+only the tokens the previous window did not (the transformers perplexity guide's definition).
+With stride < max_length every token after the first is scored once; with disjoint windows
+(stride = max_length) the first token of each later window has no context and is not scored.
+The default stride is half a window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from dus_plugin.errors import DusError
+
+
+class EvalError(DusError, ValueError):
+    """Evaluation input is unusable (missing file, empty text, bad window)."""
+
+
+@dataclass
+class PerplexityResult:
+    tokens: int
+    """Scored tokens."""
+    nll: float
+    """Summed negative log-likelihood in nats."""
+    bytes: int
+    """UTF-8 bytes of the evaluated text."""
+    max_length: int
+    stride: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / math.log(2) / self.bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte}
+
+
+def read_texts(files: Iterable[str | Path]) -> list[str]:
+    texts = []
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            raise EvalError(f"text file {p} does not exist; pass held-out text with --text FILE")
+        text = p.read_text(encoding="utf-8")
+        if not text.strip():
+            raise EvalError(f"text file {p} is empty")
+        texts.append(text)
+    return texts
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over a sequence of n_tokens."""
+    if not 0 < stride <= max_length:
+        raise EvalError(f"stride must be in 1..max_length ({max_length}), got {stride}")
+    out, prev_end, begin = [], 0, 0
+    while prev_end < n_tokens:
+        end = min(begin + max_length, n_tokens)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        begin += stride
+    return out
+
+
+def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None, stride: int | None = None,
+               batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` over ``texts`` (each text is tokenized as one sequence)."""
+    import torch
+    from tqdm import tqdm
+
+    max_length = max_length or min(getattr(model.config, "max_position_embeddings", 2048), 2048)
+    stride = stride or max(1, max_length // 2)
+    device = next(model.parameters()).device
+    jobs = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        jobs += [(ids, w) for w in windows(len(ids), max_length, stride)]
+    by_length: dict[int, list] = {}
+    for ids, (b, e, first) in jobs:
+        by_length.setdefault(e - b, []).append((ids[b:e], first - b))
+    batches = [group[k:k + batch_size] for group in by_length.values() for k in range(0, len(group), batch_size)]
+    nll, scored = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in tqdm(batches, desc="Perplexity", unit="batch", disable=not progress):
+            ids = torch.stack([w for w, _ in batch]).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            for row, (_, first) in enumerate(batch):
+                part = logp[row, first - 1:]  # logp[:, t-1] scores token t
+                nll -= part.double().sum().item()
+                scored += part.numel()
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    if scored == 0:
+        raise EvalError("the text has fewer than 2 tokens; nothing to score")
+    return PerplexityResult(scored, nll, n_bytes, max_length, stride)
