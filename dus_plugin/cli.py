@@ -135,6 +135,47 @@ def train(config: Path, resume: bool, stop_after: int | None, quiet: bool) -> No
                + (f"; exported {r.export_dir}" if r.export_dir else ""))
 
 
+@main.command("eval")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path), help="Held-out text file (repeatable).")
+@click.option("--max-length", type=int, default=None, help="Perplexity window in tokens [default: min(context, 2048)].")
+@click.option("--stride", type=int, default=None, help="Window step [default: half a window].")
+@click.option("--tasks", default=None, help="lm-eval tasks: h6, or task[:shots[:metric]],... (needs the [eval] extra).")
+@click.option("--include-path", multiple=True, help="Folder of extra lm-eval task YAMLs (repeatable).")
+@click.option("--no-default-tasks", is_flag=True, help="Index only --include-path tasks (faster start).")
+@click.option("--limit", type=float, default=None, help="lm-eval: examples per task (for smoke runs).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--label", default=None, help="Column name in tables [default: base / upscaled / trained].")
+@click.option("--compare", is_flag=True, help="PATHS are result files: print their before/after table.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the result JSON here [default: MODEL/eval/<label>.json].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_handle_errors
+def eval_(paths: tuple[Path, ...], texts: tuple[Path, ...], max_length: int | None, stride: int | None, tasks: str | None,
+          include_path: tuple[str, ...], no_default_tasks: bool, limit: float | None, batch_size: int,
+          label: str | None, compare: bool, output: Path | None, quiet: bool) -> None:
+    """Evaluate a model folder (perplexity on --text, lm-eval --tasks) into a result JSON;
+    or, with --compare, print the table of result files: dus eval --compare base.json up.json."""
+    from dus_plugin.eval import results as res
+
+    if compare:
+        if not paths:
+            raise click.UsageError("--compare needs result files, e.g. dus eval --compare base.json trained.json")
+        click.echo(res.compare_table([res.load_result(p) for p in paths]))
+        return
+    if len(paths) != 1 or not (texts or tasks):
+        raise click.UsageError("give one MODEL folder with --text and/or --tasks, or --compare FILE...")
+    model = paths[0]
+    from dus_plugin.eval.run import evaluate
+
+    result = evaluate(model, texts=list(texts), tasks=tasks, include_paths=list(include_path),
+                      use_default_tasks=not no_default_tasks, limit=limit, batch_size=batch_size,
+                      max_length=max_length, stride=stride, label=label, progress=not quiet)
+    path = res.save_result(result, output or Path(model) / "eval" / f"{result['label']}.json")
+    click.echo(res.compare_table([result]))
+    click.echo(f"wrote {path}", err=True)
+
+
 @main.command("mergekit-yaml", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))

@@ -75,14 +75,14 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int,
 
 
 def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None, stride: int | None = None,
-               batch_size: int = 4, progress: bool = True) -> PerplexityResult:
+               batch_size: int = 4, progress: bool = True, device=None) -> PerplexityResult:
     """Perplexity of ``model`` over ``texts`` (each text is tokenized as one sequence)."""
     import torch
     from tqdm import tqdm
 
     max_length = max_length or min(getattr(model.config, "max_position_embeddings", 2048), 2048)
     stride = stride or max(1, max_length // 2)
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     jobs = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]

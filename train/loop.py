@@ -114,6 +114,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     elif resume:
         LOG.info("no checkpoint in %s; starting from step 0", ckpt_root)
     metrics = MetricsLog(out, accelerator.is_main_process, cfg.tensorboard, resume_step=start)
+    hook = _eval_hook(cfg)
     tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
     focus_steps = cfg.seam.focus_steps if cfg.seam.focus != "none" else 0
     bar = tqdm(total=total, initial=start, desc="Training", unit="step",
@@ -145,6 +146,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
             last_val = validation_loss(cfg, model, data, accelerator)
             row["val_loss"] = last_val
+        if hook is not None and hook.should_run(done, final=done == total):
+            ppl = hook.run(model, tokenizer, done, write=accelerator.is_main_process, device=accelerator.device)
+            row["val_perplexity"] = ppl["perplexity"]["perplexity"]
         if row:
             metrics.log({"step": done, "tokens": tokens_seen, **row})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}" if rate else "-")
@@ -164,6 +168,16 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         (out / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
     accelerator.end_training()
     return result
+
+
+def _eval_hook(cfg: TrainConfig):
+    """The eval/ hook when the config names held-out text; every process runs it (FSDP needs all)."""
+    if not cfg.eval.text_files:
+        return None
+    from dus_plugin.eval.hook import EvalHook
+
+    return EvalHook(cfg.eval.text_files, cfg.output_dir, every=cfg.eval.every, max_tokens=cfg.eval.max_tokens,
+                    max_length=cfg.data.seq_len, model_dir=cfg.model)
 
 
 def _train_step(cfg: TrainConfig, model, opt, data: PackedData, accelerator, step: int, accum: int,

@@ -1,0 +1,108 @@
+"""One JSON per evaluated checkpoint, and the before/after table built from several."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dus_plugin.eval.perplexity import EvalError
+
+RESULT_FORMAT = 1
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("dus-plugin", "torch", "transformers", "lm-eval"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def model_identity(model_dir: str | Path) -> dict[str, Any]:
+    """Stage (base / upscaled / trained), training step and manifest hash of a model folder."""
+    manifest = Path(model_dir) / "dus_manifest.json"
+    if not manifest.is_file():
+        return {"stage": "base", "step": None, "manifest_sha256": None}
+    raw = manifest.read_bytes()
+    stages = json.loads(raw).get("stages", [])
+    last = stages[-1] if stages else {}
+    trained = last.get("stage") == "train"
+    return {"stage": "trained" if trained else "upscaled", "step": last.get("steps") if trained else 0,
+            "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def make_result(model_dir: str | Path, perplexity: dict | None = None, tasks: dict | None = None,
+                label: str | None = None, step: int | None = None) -> dict[str, Any]:
+    ident = model_identity(model_dir)
+    if step is not None:
+        ident["step"] = step
+    return {"format": RESULT_FORMAT, "label": label or ident["stage"], "model": str(Path(model_dir).absolute()),
+            **ident, "perplexity": perplexity, "tasks": tasks or {}, "versions": _versions(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def save_result(result: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_result(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"result file {path} does not exist; make it with `dus eval MODEL ... -o {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path} is not valid JSON (line {e.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT:
+        raise EvalError(f"{path} is not a dus eval result (format {RESULT_FORMAT})")
+    return data
+
+
+def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | None]]]:
+    """(metric name, value per result) for every metric any result has, in a stable order."""
+    names: list[str] = []
+    for r in results:
+        if r.get("perplexity"):
+            for k in ("perplexity", "bits_per_byte"):
+                if k not in names:
+                    names.append(k)
+        for task in r.get("tasks", {}):
+            if task not in names:
+                names.append(task)
+    rows = []
+    for name in names:
+        values: list[float | None] = []
+        for r in results:
+            if name in ("perplexity", "bits_per_byte"):
+                values.append((r.get("perplexity") or {}).get(name))
+            else:
+                t = r.get("tasks", {}).get(name)
+                values.append(None if t is None else (t.get("average") if name == "h6" else t["score"] * 100))
+        rows.append((name, values))
+    return rows
+
+
+def compare_table(results: list[dict[str, Any]]) -> str:
+    """A Markdown table, one column per result (base, upscaled, trained ...)."""
+    head = "| metric | " + " | ".join(r.get("label", "?") for r in results) + " |"
+    sep = "|---|" + "---|" * len(results)
+    lines = [head, sep]
+    for name, values in metric_rows(results):
+        cells = ["—" if v is None else (f"{v:.3f}" if name in ("perplexity", "bits_per_byte") else f"{v:.2f}")
+                 for v in values]
+        unit = "" if name in ("perplexity", "bits_per_byte") else " (%)"
+        lines.append(f"| {name}{unit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""`dus eval`: load a model folder once, run perplexity and lm-eval tasks on it, return one result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dus_plugin.eval.perplexity import EvalError, perplexity, read_texts
+from dus_plugin.eval.results import make_result
+
+
+def load_model(model_dir: str | Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise EvalError(f"{path} is not a model folder (no config.json); pass the folder made by dus upscale or train")
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 device_map="cuda" if cuda else None)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def evaluate(model_dir: str | Path, texts: list[str | Path] = (), tasks: str | None = None,
+             include_paths: list[str | Path] = (), use_default_tasks: bool = True, limit: float | None = None,
+             batch_size: int = 8, max_length: int | None = None, stride: int | None = None,
+             label: str | None = None, progress: bool = True) -> dict[str, Any]:
+    if tasks:
+        from dus_plugin.eval.harness import require_lm_eval
+
+        require_lm_eval()  # fail before loading a large model
+    text_data = read_texts(texts) if texts else []
+    model, tok = load_model(model_dir)
+    ppl = None
+    if text_data:
+        ppl = perplexity(model, tok, text_data, max_length=max_length, stride=stride, batch_size=batch_size,
+                         progress=progress).to_dict()
+        ppl["files"] = [str(Path(t)) for t in texts]
+    scores = None
+    if tasks:
+        from dus_plugin.eval.harness import parse_tasks, run_tasks
+
+        scores = run_tasks(model, tok, parse_tasks(tasks), include_paths, use_default_tasks, limit, batch_size)
+    return make_result(model_dir, perplexity=ppl, tasks=scores, label=label)
