@@ -113,7 +113,9 @@ def verify(out: Path, base: str | None, no_forward: bool, quiet: bool) -> None:
     from dus_plugin.verify import verify as run
 
     r = run(out, base=base, forward=not no_forward, quiet=quiet)
-    how = "bitwise equal to their planned base tensors" if r.against_base else "matching the manifest's hashes (base not found; pass --base)"
+    how = ("finite (a trained export: its weights moved on from the upscale by design)" if r.trained else
+           "bitwise equal to their planned base tensors" if r.against_base else
+           "matching the manifest's hashes (base not found; pass --base)")
     click.echo(f"ok: {r.tensors} tensors {how}; config and tokenizer follow the plan"
                + ("; transformers forward pass ok" if r.forward else ""))
 
@@ -174,6 +176,48 @@ def eval_(paths: tuple[Path, ...], texts: tuple[Path, ...], max_length: int | No
     path = res.save_result(result, output or Path(model) / "eval" / f"{result['label']}.json")
     click.echo(res.compare_table([result]))
     click.echo(f"wrote {path}", err=True)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--base-model", default=None, help="Hub id of the base, when the manifest only knows a local path.")
+@click.option("--license", "license_", default=None, help="License id [default: the base's, when its card says].")
+@click.option("--dataset", "datasets", multiple=True, help="Hub id of a training dataset (repeatable).")
+@click.option("--results", multiple=True, type=click.Path(path_type=Path),
+              help="Eval result JSON to include (copied into FOLDER/eval/; repeatable).")
+@click.option("--title", default=None, help="Card title [default: <base> DUS <s> layers].")
+@_handle_errors
+def card(folder: Path, base_model: str | None, license_: str | None, datasets: tuple[str, ...],
+         results: tuple[Path, ...], title: str | None) -> None:
+    """Write FOLDER/README.md from the manifest, training record and eval results."""
+    from dus_plugin.card import write_card
+
+    path = write_card(folder, base_model=base_model, license=license_, datasets=list(datasets) or None,
+                      title=title, results=list(results))
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Target Hub repo, e.g. me/Mistral-DUS-10.7B.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to push to [default: main]; created if missing.")
+@click.option("--message", default=None, help="Commit message [default: names the recipe].")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and its size; upload nothing.")
+@_handle_errors
+def push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str | None, dry_run: bool) -> None:
+    """Verify FOLDER and upload it (weights, card, results) to the Hub in one commit."""
+    from dus_plugin.hub import push as run
+    from dus_plugin.plan import human_count
+
+    r = run(folder, repo_id, private=private, revision=revision, dry_run=dry_run, message=message)
+    if dry_run:
+        for path, size in r.files:
+            click.echo(f"{size:>14,}  {path}")
+        click.echo(f"{len(r.files)} files, {r.total_bytes:,} bytes ({human_count(r.total_bytes)}B) "
+                   f"would go to {repo_id}@{r.revision}")
+    else:
+        click.echo(f"pushed {len(r.files)} files to {repo_id}@{r.revision}: {r.commit_url}")
 
 
 @main.command("mergekit-yaml", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

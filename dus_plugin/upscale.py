@@ -142,7 +142,7 @@ def _local_base(base: BaseModel) -> Path:
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(base.hub_id, revision=base.revision,
-                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "README.md"]))
 
 
 def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir: Path, folder: Path,

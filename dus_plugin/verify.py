@@ -25,6 +25,8 @@ class VerifyReport:
     against_base: bool = False
     """True when every tensor was compared with the base's; False: with the manifest's hashes."""
     forward: bool = False
+    trained: bool = False
+    """A trained export: tensors are checked to be finite, not against the base."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -38,8 +40,9 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
     report = VerifyReport(str(folder))
     _check_config(folder, manifest)
     _check_tokenizer(folder)
-    base_dir = _base_dir(manifest, base)
+    base_dir = _base_dir(manifest, base) if "tensors" in manifest else None
     report.against_base = base_dir is not None
+    report.trained = "tensors" not in manifest
     report.tensors = _check_tensors(folder, manifest, base_dir, quiet)
     if forward:
         _forward(folder)
@@ -90,6 +93,8 @@ def _check_tensors(folder: Path, manifest: dict[str, Any], base_dir: Path | None
     import torch
     from tqdm import tqdm
 
+    if "tensors" not in manifest:  # a trained export: weights moved on, so check they are sane
+        return _check_trained(folder, quiet)
     planned: dict[str, Any] = manifest["tensors"]
     with TensorReader(folder) as out:
         names = set(out.names())
@@ -112,6 +117,18 @@ def _check_tensors(folder: Path, manifest: dict[str, Any], base_dir: Path | None
             if src is not None:
                 src.__exit__(None, None, None)
     return len(planned)
+
+
+def _check_trained(folder: Path, quiet: bool) -> int:
+    import torch
+    from tqdm import tqdm
+
+    with TensorReader(folder) as out:
+        names = out.names()
+        for name in tqdm(names, desc="Checking tensors", disable=quiet, unit="tensor"):
+            if not torch.isfinite(out.get(name).float()).all():
+                raise VerifyError(f"tensor {name} in {folder} has NaN or infinite values")
+    return len(names)
 
 
 def _compare_with_source(name: str, t, entry: dict[str, Any], src: TensorReader, torch) -> None:

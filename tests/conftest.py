@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
+# Before anything imports huggingface_hub (it reads these at import): no test reads the real HF
+# cache, a token, or the network. Hub tests switch offline mode off against the local test server.
+os.environ.update(HF_HOME=tempfile.mkdtemp(prefix="dus-hf-home-"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                  HF_HUB_DISABLE_XET="1", HF_TOKEN="", HF_HUB_DISABLE_TELEMETRY="1",
+                  HF_HUB_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false")
 
-from dus_plugin.fixtures import FAMILIES, make_tiny_model
+import pytest  # noqa: E402
+
+from dus_plugin.fixtures import FAMILIES, make_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_hub(tmp_path_factory: pytest.TempPathFactory):
-    """No test reads the real HF cache, a token, or the network."""
-    home = tmp_path_factory.mktemp("hf_home")
-    saved = dict(os.environ)
-    os.environ.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_XET="1", HF_TOKEN="",
-                      HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

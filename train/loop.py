@@ -252,6 +252,8 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _write_manifest(cfg, tmp, result)
+        if (Path(cfg.output_dir) / "loss_curve.png").is_file():  # the model card shows it
+            shutil.copy(Path(cfg.output_dir) / "loss_curve.png", tmp / "loss_curve.png")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         LOG.info("exported %s", final)
