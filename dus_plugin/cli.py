@@ -51,16 +51,19 @@ def main(verbose: bool) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Output dtype [default: the base's].")
 @click.option("--revision", default=None, help="Hub revision of BASE.")
+@click.option("--tokenizer-source", type=click.Choice(["auto", "base", "copy"]), default="auto", show_default=True,
+              help="base: `tokenizer_source: base` in the YAML; copy: omit it (mergekit copies the tokenizer files); "
+                   "auto: base unless the base pads its vocabulary beyond its tokenizer.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the mergekit YAML here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_handle_errors
 def plan(base: str, drop: int | None, layers: str | None, method: str, dtype: str | None, revision: str | None,
-         output: Path | None, as_json: bool) -> None:
+         tokenizer_source: str, output: Path | None, as_json: bool) -> None:
     """Plan a DUS of BASE (folder or Hub id): print the layer map, write stock mergekit YAML."""
     from dus_plugin.plan import format_layer_map, layer_list_plan, parse_layers, solar_plan
     from dus_plugin.recipe import build_recipe, render_recipe
-    from dus_plugin.source import check_decoder_lm, resolve_base
+    from dus_plugin.source import check_decoder_lm, padded_vocab, resolve_base
 
     if drop is not None and layers is not None:
         raise click.UsageError("--drop and --layers are alternatives; give one")
@@ -68,7 +71,13 @@ def plan(base: str, drop: int | None, layers: str | None, method: str, dtype: st
     check_decoder_lm(b)
     p = layer_list_plan(b.config, parse_layers(layers)) if layers else solar_plan(b.config, drop)
     dtype = dtype or b.config.get("dtype") or b.config.get("torch_dtype")
-    doc = build_recipe(base, p, method=method, dtype=dtype)
+    notes: list[str] = []
+    padded = padded_vocab(b) if tokenizer_source == "auto" else None
+    if padded:
+        notes.append(f"tokenizer_source omitted: the base pads its vocabulary to {padded[0]} rows for {padded[1]} "
+                     "tokens, and with tokenizer_source mergekit would cut the embeddings to the tokenizer's size")
+    use_source = tokenizer_source == "base" or (tokenizer_source == "auto" and not padded)
+    doc = build_recipe(base, p, method=method, dtype=dtype, tokenizer_source=use_source)
     if as_json:
         click.echo(json.dumps(p.to_dict(), indent=2))
     else:
@@ -76,7 +85,7 @@ def plan(base: str, drop: int | None, layers: str | None, method: str, dtype: st
     if output is not None:
         from dus_plugin.io import atomic_write_text
 
-        atomic_write_text(output, render_recipe(doc, p, method=method, command=["dus", *sys.argv[1:]]))
+        atomic_write_text(output, render_recipe(doc, p, method=method, command=["dus", *sys.argv[1:]], notes=notes))
         click.echo(f"wrote {output}", err=True)
 
 

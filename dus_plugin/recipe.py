@@ -178,7 +178,7 @@ def plan_slices(plan: DusPlan, method: str) -> list[tuple[Slice, bool]]:
 
 
 def build_recipe(model: str, plan: DusPlan, *, method: str = "solar", dtype: str | None = None,
-                 projections: tuple[str, ...] = OUTPUT_PROJECTIONS) -> dict[str, Any]:
+                 projections: tuple[str, ...] = OUTPUT_PROJECTIONS, tokenizer_source: bool = True) -> dict[str, Any]:
     """The mergekit YAML document (as a dict) for ``plan`` on ``model``."""
     slices = []
     for sl, zero in plan_slices(plan, method):
@@ -189,11 +189,13 @@ def build_recipe(model: str, plan: DusPlan, *, method: str = "solar", dtype: str
     doc: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
     if dtype:
         doc["dtype"] = dtype
-    doc["tokenizer_source"] = "base"
+    if tokenizer_source:
+        doc["tokenizer_source"] = "base"
     return doc
 
 
-def render_recipe(doc: dict[str, Any], plan: DusPlan, *, method: str, command: list[str] | None = None) -> str:
+def render_recipe(doc: dict[str, Any], plan: DusPlan, *, method: str, command: list[str] | None = None,
+                  notes: list[str] = ()) -> str:
     """YAML text with a comment header that states the arithmetic and the command that made it."""
     p = plan.to_dict()
     head = [
@@ -206,6 +208,7 @@ def render_recipe(doc: dict[str, Any], plan: DusPlan, *, method: str, command: l
         head.append(f"# parameters: {human_count(p['params_before'])} -> {human_count(p['params_after'])}")
     if command:
         head.append("# made by: " + " ".join(shlex.quote(c) for c in command))
+    head.extend(f"# {n}" for n in notes)
     head.append("# run with: mergekit-yaml THIS.yml OUT/   (or: dus upscale THIS.yml OUT/)")
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
     return "\n".join(head) + "\n" + body

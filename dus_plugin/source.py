@@ -105,3 +105,34 @@ def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def tokenizer_size(base: BaseModel) -> int | None:
+    """Number of tokens the base's tokenizer knows (vocabulary + added tokens); None if unreadable."""
+    path = base.local_path / "tokenizer.json" if base.local_path else None
+    if (path is None or not path.is_file()) and base.hub_id:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(base.hub_id, "tokenizer.json", revision=base.revision))
+        except Exception:  # no tokenizer.json on the Hub (sentencepiece only) or no network
+            return None
+    if path is None or not path.is_file():
+        return None
+    try:
+        tok = json.loads(path.read_text(encoding="utf-8"))
+        ids = set(tok["model"]["vocab"].values()) | {t["id"] for t in tok.get("added_tokens", [])}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return len(ids)
+
+
+def padded_vocab(base: BaseModel) -> tuple[int, int] | None:
+    """(embedding rows, tokenizer size) when the base pads its vocabulary beyond its tokenizer."""
+    from dus_plugin.plan import text_config
+
+    rows = text_config(base.config).get("vocab_size")
+    size = tokenizer_size(base)
+    if isinstance(rows, int) and size is not None and size != rows:
+        return rows, size
+    return None

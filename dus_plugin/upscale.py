@@ -68,6 +68,7 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     check_decoder_lm(base)
     check_against_base(recipe, plan_of(recipe, base.config).n, where=str(recipe_path))
     _check_filters(recipe, base, str(recipe_path))
+    _check_vocab(recipe, base, str(recipe_path))
     prepare_output(out, options.overwrite)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,16 @@ def _check_filters(recipe: Recipe, base: BaseModel, where: str) -> None:
                 f"{where}: scale filter {f!r} matches no layer tensor of {base.architecture}; "
                 f"its layer tensors are {', '.join(sorted({n.split('.', 3)[-1] for n in names}))}"
             )
+
+
+def _check_vocab(recipe: Recipe, base: BaseModel, where: str) -> None:
+    from dus_plugin.source import padded_vocab
+
+    if recipe.tokenizer_source and (padded := padded_vocab(base)):
+        raise RecipeError(
+            f"{where}: field tokenizer_source: the base pads its vocabulary to {padded[0]} rows for {padded[1]} tokens, "
+            "and mergekit would cut the embeddings to the tokenizer's size; remove tokenizer_source "
+            "(mergekit then copies the tokenizer unchanged)")
 
 
 def _merge(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path, options: UpscaleOptions) -> Path:

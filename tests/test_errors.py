@@ -142,3 +142,27 @@ def test_verify_layer_count_and_missing_manifest(recipe, tmp_path):
     assert_one_line_error(dus("verify", out, "-q"), "num_hidden_layers is 8", "s = 12")
     (out / "dus_manifest.json").unlink()
     assert_one_line_error(dus("verify", out), "dus_manifest.json")
+
+
+def test_padded_vocabulary_keeps_embeddings_whole(tmp_path):
+    """A base whose embeddings have more rows than its tokenizer has tokens (Qwen2.5: 152064 vs
+    151665): `tokenizer_source: base` would make mergekit cut the rows, so plan omits it and
+    upscale refuses a recipe that has it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dus_plugin.fixtures import family_config, make_tokenizer
+    from helpers import tensors
+
+    tok = make_tokenizer()
+    model = AutoModelForCausalLM.from_config(family_config("qwen2", vocab=len(tok) + 61))
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    r = dus("plan", tmp_path / "base", "--drop", 2, "-o", tmp_path / "r.yml")
+    text = (tmp_path / "r.yml").read_text()
+    assert "tokenizer_source:" not in text.split("merge_method")[1] and "pads its vocabulary to 320 rows" in text
+    assert dus("upscale", tmp_path / "r.yml", tmp_path / "out", "-q").exit_code == 0
+    assert torch.equal(tensors(tmp_path / "out")["lm_head.weight"], tensors(tmp_path / "base")["lm_head.weight"])
+    (tmp_path / "r2.yml").write_text(text + "tokenizer_source: base\n")
+    assert_one_line_error(dus("upscale", tmp_path / "r2.yml", tmp_path / "out2"), "field tokenizer_source",
+                          "320 rows for 259 tokens")

@@ -27,11 +27,18 @@ def test_solar_recipe_is_the_papers():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_equals_dus_plan_output(path: Path, tmp_path: Path):
+    """Re-run the exact `made by:` command of the header (on the base's stored config.json)."""
+    import shlex
+
     recipe = load_recipe(path)
     base = REPO / "tests" / "data" / "base_configs" / recipe.model.replace("/", "--")
-    m = recipe.layer_ranges[1][0]
+    made_by = next(line for line in path.read_text().splitlines() if line.startswith("# made by: "))
+    args = shlex.split(made_by.removeprefix("# made by: "))
+    assert args[:3] == ["dus", "plan", recipe.model]
     out = tmp_path / "plan.yml"
-    r = dus("plan", base, "--drop", m, "--dtype", "bfloat16", "-o", out)
+    args = [str(base)] + args[3:]
+    args[args.index("-o") + 1] = str(out)
+    r = dus("plan", *args)
     assert r.exit_code == 0, r.output
     planned = yaml.safe_load(out.read_text().replace(str(base), recipe.model))
     assert planned == yaml.safe_load(path.read_text())
