@@ -93,21 +93,25 @@ def plan(base: str, drop: int | None, layers: str | None, method: str, dtype: st
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (only once the new one is complete).")
-@click.option("--shard-size", default="5B", show_default=True, help="Output shard size in parameters.")
+@click.option("--shard-size", default="5B", show_default=True,
+              help="Output shard size in bytes (5B = 5e9 bytes; mergekit counts bytes too).")
+@click.option("--engine", type=click.Choice(["auto", "stream", "mergekit"]), default="auto", show_default=True,
+              help="stream: copy tensors by byte range at disk speed (pure passthrough plans); mergekit: its engine; "
+                   "auto: stream when the plan allows.")
 @click.option("--no-verify", is_flag=True, help="Skip the tensor-by-tensor check against the base.")
 @click.option("--no-forward", is_flag=True, help="Verify tensors but skip loading the model for a forward pass.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
-def upscale(config: Path, out: Path, overwrite: bool, shard_size: str, no_verify: bool, no_forward: bool,
-            quiet: bool) -> None:
+def upscale(config: Path, out: Path, overwrite: bool, shard_size: str, engine: str, no_verify: bool,
+            no_forward: bool, quiet: bool) -> None:
     """Run recipe CONFIG with mergekit into OUT, write dus_manifest.json and verify."""
     from dus_plugin.upscale import UpscaleOptions
     from dus_plugin.upscale import upscale as run
 
     m = run(config, out, UpscaleOptions(overwrite=overwrite, shard_size=shard_size, verify=not no_verify,
-                                       forward=not no_forward, quiet=quiet))
+                                       forward=not no_forward, quiet=quiet, engine=engine))
     p = m["plan"]
-    click.echo(f"upscaled {m['base']['ref']}: {p['n']} -> {p['s']} layers ({m['method']}), "
+    click.echo(f"upscaled {m['base']['ref']}: {p['n']} -> {p['s']} layers ({m['method']}, {m['engine']} engine), "
                f"{len(m['tensors'])} tensors{'' if no_verify else ', verified'} -> {out}")
 
 

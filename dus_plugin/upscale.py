@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from dus_plugin import __version__
 from dus_plugin.configfix import mergekit_per_layer_fix
-from dus_plugin.errors import DusError, OutputExistsError, RecipeError, UpscaleError
+from dus_plugin.errors import BaseModelError, DusError, OutputExistsError, RecipeError, UpscaleError
 from dus_plugin.manifest import FORMAT, write_manifest
 from dus_plugin.plan import DusPlan, Slice, count_params
 from dus_plugin.recipe import Recipe, check_against_base, load_recipe
-from dus_plugin.source import BaseModel, check_decoder_lm, file_sha256, layer_weight_names, resolve_base
-from dus_plugin.tensors import TensorReader, check_readable, layer_index, tensor_sha256, with_layer
+from dus_plugin.source import BaseModel, check_decoder_lm, layer_weight_names, resolve_base
+from dus_plugin.tensors import check_readable, layer_index, with_layer
 
 LOG = logging.getLogger(__name__)
 TMP_MARK = ".dus-tmp-"
@@ -35,6 +37,8 @@ class UpscaleOptions:
     forward: bool = True
     """Let verification load the result with transformers and run a forward pass."""
     quiet: bool = False
+    engine: str = "auto"
+    """auto: the streaming writer for pure passthrough plans, else mergekit; or force stream / mergekit."""
 
 
 def plan_of(recipe: Recipe, base_config: dict[str, Any]) -> DusPlan:
@@ -74,8 +78,9 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
-        base_dir = _merge(recipe, recipe_path.read_text(encoding="utf-8"), base, tmp, options)
-        manifest = build_manifest(recipe, recipe_path, base, base_dir, tmp, quiet=options.quiet)
+        base_dir, engine, hashes = _run_engine(recipe, recipe_path.read_text(encoding="utf-8"), base, tmp, options)
+        manifest = build_manifest(recipe, recipe_path, base, base_dir, tmp, quiet=options.quiet, hashes=hashes)
+        manifest["engine"] = engine
         write_manifest(tmp, manifest)
         if options.verify:
             from dus_plugin.verify import verify
@@ -112,14 +117,39 @@ def _check_vocab(recipe: Recipe, base: BaseModel, where: str) -> None:
             "(mergekit then copies the tokenizer unchanged)")
 
 
-def _merge(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path, options: UpscaleOptions) -> Path:
-    """Run mergekit; return the local folder of the base (downloaded by mergekit if on the Hub)."""
+def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path,
+                options: UpscaleOptions) -> tuple[Path, str, dict[str, str] | None]:
+    """(base folder, engine used, tensor hashes if the engine computed them)."""
+    from mergekit.options import parse_kmb
+
+    from dus_plugin.stream import stream_merge, streamable
+
+    if options.engine not in ("auto", "stream", "mergekit"):
+        raise RecipeError(f"--engine {options.engine!r} is unknown; choose auto, stream or mergekit")
+    base_dir = _local_base(base)
+    check_readable(base_dir)
+    if not (base_dir / "tokenizer_config.json").is_file() or not any(
+            (base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise BaseModelError(f"base {base.ref} has no tokenizer (tokenizer_config.json with tokenizer.json or "
+                             "tokenizer.model); the upscaled model needs the base's tokenizer")
+    why = streamable(recipe) if options.engine != "mergekit" else "--engine mergekit"
+    if why is None:
+        LOG.info("streaming the plan tensor by tensor (pure passthrough)")
+        return base_dir, "stream", stream_merge(recipe, recipe_text, base_dir, tmp, parse_kmb(options.shard_size),
+                                                options.quiet)
+    if options.engine == "stream":
+        raise RecipeError(f"--engine stream cannot run this recipe: {why}; use --engine auto or mergekit")
+    LOG.info("using mergekit's engine (%s)", why)
+    _merge(recipe, recipe_text, base_dir, tmp, options)
+    return base_dir, "mergekit", None
+
+
+def _merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, options: UpscaleOptions) -> None:
+    """Run mergekit's engine into ``tmp``."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions, parse_kmb
 
-    base_dir = _local_base(base)
-    check_readable(base_dir)
     merge_config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
     merge_options = MergeOptions(
         clone_tensors=True,  # duplicated layers would otherwise share storage on write
@@ -132,7 +162,7 @@ def _merge(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path, options
     )
     LOG.info("merging %s with mergekit into %s", recipe.model, tmp)
     try:
-        with mergekit_per_layer_fix():
+        with mergekit_per_layer_fix(), _no_progress(options.quiet):
             run_merge(merge_config, str(tmp), options=merge_options, config_source=recipe_text)
     except DusError:
         raise
@@ -143,7 +173,22 @@ def _merge(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path, options
     for name in ("generation_config.json",):
         if (base_dir / name).is_file() and not (tmp / name).exists():
             shutil.copy(base_dir / name, tmp / name)
-    return base_dir
+
+
+@contextlib.contextmanager
+def _no_progress(quiet: bool) -> Iterator[None]:
+    """Some of mergekit's progress bars ignore its quiet option; silence every tqdm while it runs."""
+    import tqdm
+
+    if not quiet:
+        yield
+        return
+    original = tqdm.tqdm.__init__
+    tqdm.tqdm.__init__ = functools.partialmethod(original, disable=True)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        tqdm.tqdm.__init__ = original  # type: ignore[method-assign]
 
 
 def _local_base(base: BaseModel) -> Path:
@@ -157,26 +202,28 @@ def _local_base(base: BaseModel) -> Path:
 
 
 def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir: Path, folder: Path,
-                   quiet: bool = False) -> dict[str, Any]:
+                   quiet: bool = False, hashes: dict[str, str] | None = None) -> dict[str, Any]:
     from importlib.metadata import version
 
     from tqdm import tqdm
 
+    from dus_plugin.stream import hash_file_tensors, read_header
+    from dus_plugin.tensors import weight_map
+
     plan = plan_of(recipe, base.config)
     zeroed = recipe.zeroed_outputs()
     tensors: dict[str, Any] = {}
-    with TensorReader(folder) as reader:
-        names = reader.names()
-        for name in tqdm(names, desc="Hashing output tensors", disable=quiet, unit="tensor"):
-            t = reader.get(name)
+    files = sorted(set(weight_map(folder).values()))
+    for file in tqdm(files, desc="Hashing output shards", disable=quiet or hashes is not None, unit="shard"):
+        file_hashes = hashes if hashes is not None else hash_file_tensors(folder / file)
+        for name, t in read_header(folder / file).items():
             i = layer_index(name)
-            source = name if i is None else with_layer(name, plan.layer_map[i])
-            entry = {"source": source, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                     "sha256": tensor_sha256(t)}
+            entry = {"source": name if i is None else with_layer(name, plan.layer_map[i]),
+                     "dtype": _TORCH_DTYPE.get(t.dtype, t.dtype.lower()), "shape": t.shape, "sha256": file_hashes[name]}
             if i is not None and any(f in name for f in zeroed.get(i, [])):
                 entry["zeroed"] = True
             tensors[name] = entry
-    base_files = sorted({f for f in TensorReader(base_dir).map.values()})
+    base_files = sorted(set(weight_map(base_dir).values()))
     return {
         "format": FORMAT,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -190,7 +237,9 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
             "local_path": str(base_dir.absolute()),
             "architecture": base.architecture,
             "config": base.config,
-            "files": {f: file_sha256(base_dir / f) for f in base_files},
+            # size + header hash identify a shard cheaply; the tensors' own hashes are below
+            "files": {f: {"size": (base_dir / f).stat().st_size, "header_sha256": _header_sha(base_dir / f)}
+                      for f in base_files},
         },
         "recipe": recipe.model_dump(exclude_none=True),
         "recipe_file": recipe_path.name,
@@ -199,6 +248,18 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
         "tensors": tensors,
         "stages": [{"stage": "upscale", "date": dt.date.today().isoformat()}],
     }
+
+
+_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
+
+
+def _header_sha(path: Path) -> str:
+    import hashlib
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return hashlib.sha256(f.read(n)).hexdigest()
 
 
 def _commit(tmp: Path, out: Path) -> None:

@@ -97,14 +97,21 @@ def test_upscale_missing_base_folder(recipe, tiny_llama, tmp_path):
     assert_one_line_error(dus("upscale", recipe, tmp_path / "out"), "does not exist")
 
 
-def test_upscale_failing_merge_leaves_nothing(recipe, tiny_llama, tmp_path):
-    """A merge that fails at the end (base without a tokenizer) must not leave a folder."""
+def test_upscale_base_without_tokenizer(recipe, tiny_llama, tmp_path):
     base = tmp_path / "notok"
     shutil.copytree(tiny_llama, base)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (base / f).unlink()
     recipe.write_text(recipe.read_text().replace(str(tiny_llama), str(base)))
-    assert_one_line_error(dus("upscale", recipe, tmp_path / "out", "-q"), "mergekit failed")
+    assert_one_line_error(dus("upscale", recipe, tmp_path / "out", "-q"), "has no tokenizer")
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+def test_upscale_failing_merge_leaves_nothing(recipe, tmp_path):
+    """mergekit rejects a bad chat template only after writing the weights: nothing may remain."""
+    recipe.write_text(recipe.read_text() + "chat_template: nope\n")
+    assert_one_line_error(dus("upscale", recipe, tmp_path / "out", "-q"), "mergekit failed", "chat template")
     assert not (tmp_path / "out").exists()
     no_leftovers(tmp_path)
 

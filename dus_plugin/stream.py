@@ -1,0 +1,253 @@
+"""Streaming writer for pure-passthrough DUS plans: upscale at the speed of the disk.
+
+A DUS plan is a copy of tensors (plus tensors scaled by 0 for the identity method), so the
+output's safetensors headers can be computed before any data is written, and each tensor's
+bytes copied by range from the base shards. Memory stays bounded by one copy buffer, or by the
+largest tensor that must be transformed (a dtype cast or a zeroed projection). The tensor
+names, dtypes, bytes and config are exactly what mergekit writes for the same YAML; shard
+boundaries may differ. Anything else falls back to mergekit's engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from dus_plugin.errors import UpscaleError
+from dus_plugin.recipe import Recipe
+from dus_plugin.tensors import layer_index, with_layer
+
+LOG = logging.getLogger(__name__)
+CHUNK = 64 << 20
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+TORCH_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+
+@dataclass
+class SourceTensor:
+    file: Path
+    dtype: str
+    shape: list[int]
+    start: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
+
+
+@dataclass
+class OutTensor:
+    name: str
+    src: SourceTensor
+    src_name: str
+    dtype: str
+    zero: bool
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.src.shape:
+            n *= d
+        return n * DTYPE_SIZES[self.dtype]
+
+    @property
+    def raw_copy(self) -> bool:
+        return not self.zero and self.dtype == self.src.dtype
+
+
+def read_header(path: Path) -> dict[str, SourceTensor]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        out[name] = SourceTensor(path, info["dtype"], info["shape"], base + a, b - a)
+    return out
+
+
+def streamable(recipe: Recipe) -> str | None:
+    """None when the recipe is a pure passthrough this writer handles; else why it is not."""
+    for k, s in enumerate(recipe.slices):
+        params = s.sources[0].parameters
+        if not params:
+            continue
+        if set(params) != {"scale"} or not isinstance(params["scale"], list):
+            return f"slices[{k}] has parameters other than a scale list"
+        for cond in params["scale"]:
+            if not isinstance(cond, dict) or cond.get("value") not in (0, 0.0, 1, 1.0):
+                return f"slices[{k}] scales by something other than 0 or 1"
+            if cond.get("value") in (1, 1.0) and cond.get("filter"):
+                return f"slices[{k}] has a filtered scale of 1"
+    if recipe.chat_template:
+        return "a chat_template is set"
+    return None
+
+
+def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None) -> list[OutTensor]:
+    """Every output tensor with its source byte range, in output order (non-layer tensors first)."""
+    from dus_plugin.tensors import weight_map
+
+    sources: dict[str, SourceTensor] = {}
+    for file in sorted(set(weight_map(base_dir).values())):
+        sources.update(read_header(base_dir / file))
+    zeroed = recipe.zeroed_outputs()
+    layer_names: dict[int, list[str]] = {}
+    outside: list[str] = []
+    for name in sources:
+        i = layer_index(name)
+        (outside.append(name) if i is None else layer_names.setdefault(i, []).append(name))
+    out: list[OutTensor] = []
+    target = TORCH_NAMES.get(out_dtype or "", None)
+    for name in outside:
+        out.append(OutTensor(name, sources[name], name, target or sources[name].dtype, False))
+    for i, src_layer in enumerate(recipe.layer_map):
+        for src_name in layer_names.get(src_layer, []):
+            name = with_layer(src_name, i)
+            zero = any(f in name for f in zeroed.get(i, []))
+            out.append(OutTensor(name, sources[src_name], src_name, target or sources[src_name].dtype, zero))
+    return out
+
+
+def shard(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and max_bytes > 0 and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def _header_bytes(tensors: list[OutTensor]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": t.src.shape, "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _transformed(t: OutTensor) -> bytes:
+    """A tensor that is cast and/or zeroed, computed as mergekit computes it (x.to(dtype) * 0.0)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(t.src.file), framework="pt") as f:
+        x = f.get_tensor(t.src_name)
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.dtype]
+    x = x.to(dtype)
+    if t.zero:
+        x = x * 0.0
+    return x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], None]) -> dict[str, str]:
+    """Write one output shard; return {tensor name: sha256 of its bytes}."""
+    hashes: dict[str, str] = {}
+    open_sources: dict[Path, int] = {}
+    try:
+        with open(path, "wb") as out:
+            out.write(_header_bytes(tensors))
+            for t in tensors:
+                h = hashlib.sha256()
+                if t.raw_copy:
+                    fd = open_sources.get(t.src.file) or open_sources.setdefault(t.src.file, os.open(t.src.file, os.O_RDONLY))
+                    done = 0
+                    while done < t.nbytes:
+                        chunk = os.pread(fd, min(CHUNK, t.nbytes - done), t.src.start + done)
+                        if not chunk:
+                            raise UpscaleError(f"{t.src.file} ended inside tensor {t.src_name}; re-download the base")
+                        h.update(chunk)
+                        out.write(chunk)
+                        done += len(chunk)
+                        progress(len(chunk))
+                else:
+                    data = _transformed(t)
+                    h.update(data)
+                    out.write(data)
+                    progress(len(data))
+                hashes[t.name] = h.hexdigest()
+    finally:
+        for fd in open_sources.values():
+            os.close(fd)
+    return hashes
+
+
+def stream_merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, shard_bytes: int,
+                 quiet: bool = False) -> dict[str, str]:
+    """Write weights, config, tokenizer and mergekit_config.yml into ``tmp``; return tensor hashes."""
+    from tqdm import tqdm
+
+    tensors = plan_tensors(recipe, base_dir, recipe.out_dtype or recipe.dtype)
+    shards = shard(tensors, shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    tmp.mkdir(parents=True)
+    hashes: dict[str, str] = {}
+    total = sum(t.nbytes for t in tensors)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="Streaming tensors", disable=quiet) as bar:
+            for name, group in zip(names, shards):
+                hashes.update(write_shard(tmp / name, group, bar.update))
+    except OSError as e:
+        raise UpscaleError(f"could not write {tmp.parent}: {e.strerror or e} (is the disk full?); "
+                           "nothing was left in the output") from None
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {t.name: n for n, g in zip(names, shards) for t in g}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    _write_config(recipe, recipe_text, tmp)
+    for f in TOKENIZER_FILES:  # as mergekit's tokenizer copy does
+        if (base_dir / f).is_file():
+            shutil.copy(base_dir / f, tmp / f)
+    (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
+    return hashes
+
+
+def _write_config(recipe: Recipe, recipe_text: str, tmp: Path) -> None:
+    """The output config through mergekit's own function (plus the per-layer fix): identical by construction."""
+    import yaml
+    from mergekit.architecture import get_architecture_info
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from dus_plugin.configfix import mergekit_per_layer_fix
+
+    merge_config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
+    arch = get_architecture_info(merge_config, MergeOptions())
+    with mergekit_per_layer_fix():
+        import mergekit.merge as mm
+
+        cfg = mm._model_out_config(merge_config, arch)  # the patched function, as run_merge calls it
+    cfg.save_pretrained(tmp)
+
+
+def hash_file_tensors(path: Path) -> dict[str, str]:
+    """sha256 of every tensor's raw bytes in a safetensors file, read in chunks (no torch)."""
+    out = {}
+    with open(path, "rb") as f:
+        for name, t in read_header(path).items():
+            h = hashlib.sha256()
+            f.seek(t.start)
+            left = t.nbytes
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                h.update(chunk)
+                left -= len(chunk)
+            out[name] = h.hexdigest()
+    return out
