@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,8 @@ def main(verbose: bool) -> None:
     """Depth up-scaling (SOLAR) of language models through mergekit."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
+        # transformers resets its logger's level when it is imported (later, lazily): tell it by env
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         for noisy in ("mergekit", "huggingface_hub", "transformers"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
@@ -231,6 +234,31 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, messag
                    f"would go to {repo_id}@{r.revision}")
     else:
         click.echo(f"pushed {len(r.files)} files to {repo_id}@{r.revision}: {r.commit_url}")
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Text sample (repeatable).")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=int, default=16, show_default=True, help="Windows of text to average over.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("dus_analysis.png"),
+              show_default=True, help="Heat-map PNG; the numbers go beside it as .json.")
+@click.option("-q", "--quiet", is_flag=True)
+@_handle_errors
+def analyze(base: Path, texts: tuple[Path, ...], max_length: int, windows: int, output: Path, quiet: bool) -> None:
+    """Angular distances between BASE's hidden states and a recommended overlap m for DUS."""
+    from dus_plugin.analyze import analyze as run
+    from dus_plugin.analyze import heatmap
+    from dus_plugin.eval.perplexity import read_texts
+    from dus_plugin.io import atomic_write_text
+
+    a = run(base, read_texts(texts), max_length=max_length, max_windows=windows, progress=not quiet)
+    heatmap(a, output)
+    atomic_write_text(output.with_suffix(".json"), json.dumps(a.to_dict(), indent=2))
+    click.echo(f"n = {a.n}; recommended overlap m = {a.recommended_m}: {a.reason}")
+    click.echo("seam cost by m: " + ", ".join(f"{m}: {c:.3f}" for m, c in sorted(a.seam_cost.items())))
+    click.echo(f"wrote {output} and {output.with_suffix('.json')}", err=True)
 
 
 @main.command("mergekit-yaml", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -75,28 +75,43 @@ def _read_config(path: Path, ref: str) -> dict[str, Any]:
     return cfg
 
 
+def mergekit_architectures() -> dict[str, dict[str, Any]]:
+    """Architecture name -> mergekit's JSON definition, read from its package data.
+
+    Importing mergekit costs seconds (it pulls in much of transformers); its architecture
+    definitions are plain JSON files, so the plan and the streaming writer read them directly.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("mergekit")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    folder = Path(list(spec.submodule_search_locations)[0]) / "_data" / "architectures"
+    out: dict[str, dict[str, Any]] = {}
+    for f in sorted(folder.glob("*.json")):
+        try:
+            d = json.loads(f.read_text())
+        except ValueError:
+            continue
+        for name in d.get("architectures", []):
+            out.setdefault(name, d)
+    return out
+
+
+def num_layers_key(base: BaseModel) -> str:
+    """The config key mergekit sets to the new layer count (e.g. text_config.num_hidden_layers)."""
+    d = mergekit_architectures().get(base.architecture, {})
+    return d.get("num_layers_config_key") or "num_hidden_layers"
+
+
 def check_decoder_lm(base: BaseModel) -> None:
     """Refuse a base that is not a causal decoder LM that mergekit can slice by layers."""
-    from mergekit.architecture.json_definitions import NAME_TO_ARCH
-
     arch = base.architecture
-    if not arch.endswith("ForCausalLM") or arch not in NAME_TO_ARCH:
+    if not arch.endswith("ForCausalLM") or arch not in mergekit_architectures():
         raise BaseModelError(
             f"base {base.ref} is a {arch}, not a decoder LM that mergekit knows; DUS needs a *ForCausalLM "
             "architecture from mergekit's list (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...)"
         )
-
-
-def layer_weight_names(base: BaseModel) -> list[str]:
-    """Tensor names of layer 0 as mergekit's architecture definition spells them."""
-    from mergekit.architecture import arch_info_for_config
-    from transformers import PretrainedConfig
-
-    cfg = PretrainedConfig.from_dict(base.config)
-    info = arch_info_for_config(cfg)
-    if info is None:
-        return []
-    return [w.name for mod in info.modules.values() for w in mod.architecture.layer_weights(0, cfg) or []]
 
 
 def file_sha256(path: Path, chunk: int = 1 << 23) -> str:

@@ -10,6 +10,7 @@ boundaries may differ. Anything else falls back to mergekit's engine.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -157,42 +158,83 @@ def _transformed(t: OutTensor) -> bytes:
     return x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
-def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], None]) -> dict[str, str]:
-    """Write one output shard; return {tensor name: sha256 of its bytes}."""
-    hashes: dict[str, str] = {}
-    open_sources: dict[Path, int] = {}
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
+    """Kernel-side copy (as cp does), with a read/write fallback where copy_file_range is refused."""
+    done = 0
+    while done < n:
+        try:
+            k = os.copy_file_range(src_fd, dst_fd, n - done, src_off + done, dst_off + done)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            chunk = os.pread(src_fd, min(CHUNK, n - done), src_off + done)
+            k = os.pwrite(dst_fd, chunk, dst_off + done) if chunk else 0
+        if k == 0:
+            raise UpscaleError(f"the base ended inside a tensor at byte {src_off + done}; re-download the base")
+        done += k
+
+
+def hash_range(path: Path, start: int, nbytes: int) -> str:
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with open(path, "wb") as out:
-            out.write(_header_bytes(tensors))
-            for t in tensors:
-                h = hashlib.sha256()
-                if t.raw_copy:
-                    fd = open_sources.get(t.src.file) or open_sources.setdefault(t.src.file, os.open(t.src.file, os.O_RDONLY))
-                    done = 0
-                    while done < t.nbytes:
-                        chunk = os.pread(fd, min(CHUNK, t.nbytes - done), t.src.start + done)
-                        if not chunk:
-                            raise UpscaleError(f"{t.src.file} ended inside tensor {t.src_name}; re-download the base")
-                        h.update(chunk)
-                        out.write(chunk)
-                        done += len(chunk)
-                        progress(len(chunk))
-                else:
-                    data = _transformed(t)
-                    h.update(data)
-                    out.write(data)
-                    progress(len(data))
-                hashes[t.name] = h.hexdigest()
+        done = 0
+        while done < nbytes:
+            chunk = os.pread(fd, min(CHUNK, nbytes - done), start + done)
+            if not chunk:
+                raise UpscaleError(f"{path} ended inside a tensor; re-download the base")
+            h.update(chunk)
+            done += len(chunk)
     finally:
-        for fd in open_sources.values():
+        os.close(fd)
+    return h.hexdigest()
+
+
+def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], None], hasher) -> dict[str, Any]:
+    """Write one output shard. Returns {tensor name: sha256 hex, or a future of it}.
+
+    Plain copies go through copy_file_range and their hash is computed from the source range by
+    ``hasher`` (a one-thread pool) on the other core, once per source tensor however often it is
+    copied; transformed tensors are hashed here from the bytes written.
+    """
+    hashes: dict[str, Any] = {}
+    fds: dict[Path, int] = {}
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        header = _header_bytes(tensors)
+        os.pwrite(out, header, 0)
+        offset = len(header)
+        for t in tensors:
+            if t.raw_copy:
+                fd = fds.get(t.src.file) or fds.setdefault(t.src.file, os.open(t.src.file, os.O_RDONLY))
+                _copy_range(fd, out, t.src.start, offset, t.nbytes)
+                hashes[t.name] = hasher(t.src.file, t.src.start, t.nbytes)
+            else:
+                data = _transformed(t)
+                os.pwrite(out, data, offset)
+                hashes[t.name] = hashlib.sha256(data).hexdigest()
+            offset += t.nbytes
+            progress(t.nbytes)
+    finally:
+        os.close(out)
+        for fd in fds.values():
             os.close(fd)
     return hashes
 
 
-def stream_merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, shard_bytes: int,
+def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Path, shard_bytes: int,
                  quiet: bool = False) -> dict[str, str]:
-    """Write weights, config, tokenizer and mergekit_config.yml into ``tmp``; return tensor hashes."""
+    """Write weights, config, tokenizer and mergekit_config.yml into ``tmp``; return tensor hashes.
+
+    The config is built by transformers in a thread while the tensors stream: the copy loop
+    spends its time in system calls and hashing, which release the GIL, so transformers'
+    import time (seconds) overlaps the I/O instead of adding to it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
+
+    from dus_plugin.source import num_layers_key
 
     tensors = plan_tensors(recipe, base_dir, recipe.out_dtype or recipe.dtype)
     shards = shard(tensors, shard_bytes)
@@ -201,17 +243,33 @@ def stream_merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, sh
     tmp.mkdir(parents=True)
     hashes: dict[str, str] = {}
     total = sum(t.nbytes for t in tensors)
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="Streaming tensors", disable=quiet) as bar:
-            for name, group in zip(names, shards):
-                hashes.update(write_shard(tmp / name, group, bar.update))
-    except OSError as e:
-        raise UpscaleError(f"could not write {tmp.parent}: {e.strerror or e} (is the disk full?); "
-                           "nothing was left in the output") from None
+    pending: dict[tuple[Path, int], Any] = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="dus-config") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="dus-hash") as hash_pool:
+        config = pool.submit(build_config, str(base_dir), recipe.layer_map, num_layers_key(base),
+                             recipe.out_dtype or recipe.dtype, str(tmp))
+
+        def hasher(file: Path, start: int, nbytes: int):
+            key = (file, start)
+            if key not in pending:
+                pending[key] = hash_pool.submit(hash_range, file, start, nbytes)
+            return pending[key]
+
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="Streaming tensors", disable=quiet) as bar:
+                for name, group in zip(names, shards):
+                    hashes.update(write_shard(tmp / name, group, bar.update, hasher))
+            hashes = {k: v if isinstance(v, str) else v.result() for k, v in hashes.items()}
+        except OSError as e:
+            raise UpscaleError(f"could not write {tmp.parent}: {e.strerror or e} (is the disk full?); "
+                               "nothing was left in the output") from None
+        try:
+            config.result()
+        except OSError as e:
+            raise UpscaleError(f"could not write the config into {tmp.parent}: {e.strerror or e}") from None
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {t.name: n for n, g in zip(names, shards) for t in g}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    _write_config(recipe, recipe_text, tmp)
     for f in TOKENIZER_FILES:  # as mergekit's tokenizer copy does
         if (base_dir / f).is_file():
             shutil.copy(base_dir / f, tmp / f)
@@ -219,22 +277,18 @@ def stream_merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, sh
     return hashes
 
 
-def _write_config(recipe: Recipe, recipe_text: str, tmp: Path) -> None:
-    """The output config through mergekit's own function (plus the per-layer fix): identical by construction."""
-    import yaml
-    from mergekit.architecture import get_architecture_info
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
+def build_config(base_dir: str, layer_map: list[int], layers_key: str, dtype: str | None, out: str) -> None:
+    """The output config as mergekit's run builds it (load, set dtype, set the layer count) plus the
+    per-layer fix; the equivalence tests compare it with mergekit's own output for every family."""
+    from transformers import AutoConfig
 
-    from dus_plugin.configfix import mergekit_per_layer_fix
+    from dus_plugin.configfix import remap_per_layer
 
-    merge_config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
-    arch = get_architecture_info(merge_config, MergeOptions())
-    with mergekit_per_layer_fix():
-        import mergekit.merge as mm
-
-        cfg = mm._model_out_config(merge_config, arch)  # the patched function, as run_merge calls it
-    cfg.save_pretrained(tmp)
+    cfg = AutoConfig.from_pretrained(base_dir)
+    if dtype:
+        cfg.dtype = dtype  # mergekit sets torch_dtype, which transformers 5 maps to dtype
+    remap_per_layer(cfg, layer_map, layers_key)
+    cfg.save_pretrained(out)
 
 
 def hash_file_tensors(path: Path) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from contextlib import ExitStack
@@ -41,16 +40,25 @@ def weight_map(folder: Path) -> dict[str, str]:
 
 
 def _keys(path: Path) -> list[str]:
-    from safetensors import safe_open
+    """Tensor names of a safetensors file, after checking its header against the file's size."""
+    import struct
 
+    def bad(why: str) -> BaseModelError:
+        return BaseModelError(f"{path} is not a readable safetensors file ({why}); re-download or re-save it")
+
+    size = path.stat().st_size
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError
-        raise BaseModelError(
-            f"{path} is not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-            "re-download or re-save it"
-        ) from None
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise bad(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise bad("its header is not valid") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise bad(f"truncated: the header needs {8 + n + end} bytes, the file has {size}")
+    return [k for k in header if k != "__metadata__"]
 
 
 def check_readable(folder: Path) -> None:
@@ -93,10 +101,3 @@ class TensorReader:
         for name, f in self.map.items():
             files.setdefault(f, []).append(name)
         yield from sorted(files.items())
-
-
-def tensor_sha256(t) -> str:
-    import torch
-
-    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(memoryview(data)).hexdigest()

@@ -21,7 +21,7 @@ from dus_plugin.errors import BaseModelError, DusError, OutputExistsError, Recip
 from dus_plugin.manifest import FORMAT, write_manifest
 from dus_plugin.plan import DusPlan, Slice, count_params
 from dus_plugin.recipe import Recipe, check_against_base, load_recipe
-from dus_plugin.source import BaseModel, check_decoder_lm, layer_weight_names, resolve_base
+from dus_plugin.source import BaseModel, check_decoder_lm, resolve_base
 from dus_plugin.tensors import check_readable, layer_index, with_layer
 
 LOG = logging.getLogger(__name__)
@@ -98,9 +98,13 @@ def _check_filters(recipe: Recipe, base: BaseModel, where: str) -> None:
     filters = {f for fs in recipe.zeroed_outputs().values() for f in fs}
     if not filters:
         return
-    names = layer_weight_names(base)
+    from dus_plugin.tensors import weight_map
+
+    if base.local_path is None or not any(base.local_path.glob("*.safetensors")):
+        return  # a Hub base not downloaded yet: mergekit's run will tell
+    names = [n for n in weight_map(base.local_path) if layer_index(n) is not None]
     for f in sorted(filters):
-        if names and not any(f in n for n in names):
+        if not any(f in n for n in names):
             raise RecipeError(
                 f"{where}: scale filter {f!r} matches no layer tensor of {base.architecture}; "
                 f"its layer tensors are {', '.join(sorted({n.split('.', 3)[-1] for n in names}))}"
@@ -120,8 +124,7 @@ def _check_vocab(recipe: Recipe, base: BaseModel, where: str) -> None:
 def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path,
                 options: UpscaleOptions) -> tuple[Path, str, dict[str, str] | None]:
     """(base folder, engine used, tensor hashes if the engine computed them)."""
-    from mergekit.options import parse_kmb
-
+    from dus_plugin.io import parse_size
     from dus_plugin.stream import stream_merge, streamable
 
     if options.engine not in ("auto", "stream", "mergekit"):
@@ -135,8 +138,8 @@ def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path,
     why = streamable(recipe) if options.engine != "mergekit" else "--engine mergekit"
     if why is None:
         LOG.info("streaming the plan tensor by tensor (pure passthrough)")
-        return base_dir, "stream", stream_merge(recipe, recipe_text, base_dir, tmp, parse_kmb(options.shard_size),
-                                                options.quiet)
+        return base_dir, "stream", stream_merge(recipe, recipe_text, base, base_dir, tmp,
+                                                parse_size(options.shard_size), options.quiet)
     if options.engine == "stream":
         raise RecipeError(f"--engine stream cannot run this recipe: {why}; use --engine auto or mergekit")
     LOG.info("using mergekit's engine (%s)", why)
@@ -148,13 +151,15 @@ def _merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, options:
     """Run mergekit's engine into ``tmp``."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions, parse_kmb
+    from mergekit.options import MergeOptions
+
+    from dus_plugin.io import parse_size
 
     merge_config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
     merge_options = MergeOptions(
         clone_tensors=True,  # duplicated layers would otherwise share storage on write
         copy_tokenizer=True,
-        out_shard_size=parse_kmb(options.shard_size),
+        out_shard_size=parse_size(options.shard_size),
         quiet=options.quiet,
         # mergekit's card looks every 'a/b' model name up on the Hub, which fails offline for a
         # relative local path; dus writes its own card (`dus card`) and keeps the YAML below.

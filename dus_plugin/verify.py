@@ -12,7 +12,7 @@ from dus_plugin.configfix import remap_per_layer
 from dus_plugin.errors import BaseModelError, VerifyError
 from dus_plugin.manifest import read_manifest
 from dus_plugin.plan import text_config
-from dus_plugin.tensors import TensorReader, tensor_sha256
+from dus_plugin.tensors import TensorReader
 
 LOG = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -90,33 +90,82 @@ def _base_dir(manifest: dict[str, Any], base: str | Path | None) -> Path | None:
 
 
 def _check_tensors(folder: Path, manifest: dict[str, Any], base_dir: Path | None, quiet: bool) -> int:
-    import torch
+    """Each tensor's bytes against its manifest hash and, with the base at hand, against its source.
+
+    Reads both files in bounded chunks (no mmap, no full tensors), so memory stays flat however
+    large the model; only cast or zeroed tensors are rebuilt with torch, one at a time.
+    """
     from tqdm import tqdm
+
+    from dus_plugin.stream import read_header
+    from dus_plugin.tensors import weight_map
 
     if "tensors" not in manifest:  # a trained export: weights moved on, so check they are sane
         return _check_trained(folder, quiet)
     planned: dict[str, Any] = manifest["tensors"]
-    with TensorReader(folder) as out:
-        names = set(out.names())
-        missing = sorted(set(planned) - names)
-        if missing:
-            raise VerifyError(f"tensor {missing[0]} is in the plan but not in {folder}")
-        extra = sorted(names - set(planned))
-        if extra:
-            raise VerifyError(f"tensor {extra[0]} is in {folder} but not in the plan")
-        src = TensorReader(base_dir) if base_dir is not None else None
-        try:
-            for file, file_names in tqdm(list(out.by_file()), desc="Verifying shards", disable=quiet, unit="shard"):
-                for name in file_names:
-                    t, entry = out.get(name), planned[name]
-                    if tensor_sha256(t) != entry["sha256"]:
-                        raise VerifyError(f"tensor {name} in {file} does not match its hash in the manifest")
-                    if src is not None:
-                        _compare_with_source(name, t, entry, src, torch)
-        finally:
-            if src is not None:
-                src.__exit__(None, None, None)
+    found = {}
+    for file in sorted(set(weight_map(folder).values())):
+        found.update(read_header(folder / file))
+    missing = sorted(set(planned) - set(found))
+    if missing:
+        raise VerifyError(f"tensor {missing[0]} is in the plan but not in {folder}")
+    extra = sorted(set(found) - set(planned))
+    if extra:
+        raise VerifyError(f"tensor {extra[0]} is in {folder} but not in the plan")
+    sources = {}
+    if base_dir is not None:
+        for file in sorted(set(weight_map(base_dir).values())):
+            sources.update(read_header(base_dir / file))
+    total = sum(t.nbytes for t in found.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Verifying tensors", disable=quiet) as bar:
+        for name, t in found.items():
+            entry = planned[name]
+            src = None
+            if base_dir is not None:
+                src = sources.get(entry["source"])
+                if src is None:
+                    raise VerifyError(f"tensor {name}: its planned source {entry['source']} is not in the base")
+            if _digest_and_compare(name, t, src, entry) != entry["sha256"]:
+                raise VerifyError(f"tensor {name} in {t.file.name} does not match its hash in the manifest")
+            bar.update(t.nbytes)
     return len(planned)
+
+
+def _digest_and_compare(name: str, t, src, entry: dict[str, Any]) -> str:
+    """sha256 of the output tensor's bytes; raises if they differ from what its source implies."""
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    raw = src is not None and not entry.get("zeroed") and src.dtype == t.dtype
+    expected = _expected_bytes(src, t, entry) if src is not None and not raw else None
+    if src is not None and src.shape != t.shape:
+        raise VerifyError(f"tensor {name} has shape {t.shape}, its planned source {entry['source']} {src.shape}")
+    fd = os.open(t.file, os.O_RDONLY)
+    sfd = os.open(src.file, os.O_RDONLY) if raw else None
+    try:
+        done = 0
+        while done < t.nbytes:
+            n = min(64 << 20, t.nbytes - done)
+            chunk = os.pread(fd, n, t.start + done)
+            h.update(chunk)
+            want = os.pread(sfd, n, src.start + done) if raw else (expected[done:done + n] if expected is not None else None)
+            if want is not None and chunk != want:
+                raise VerifyError(f"tensor {name} differs from its planned source {entry['source']} in the base "
+                                  f"(in {t.file.name}, from byte {done} of the tensor)")
+            done += len(chunk)
+    finally:
+        os.close(fd)
+        if sfd is not None:
+            os.close(sfd)
+    return h.hexdigest()
+
+
+def _expected_bytes(src, t, entry: dict[str, Any]) -> bytes:
+    """A cast or zeroed tensor, rebuilt as mergekit computes it."""
+    from dus_plugin.stream import OutTensor, _transformed
+
+    return _transformed(OutTensor(entry["source"], src, entry["source"], t.dtype, bool(entry.get("zeroed"))))
 
 
 def _check_trained(folder: Path, quiet: bool) -> int:
@@ -129,17 +178,6 @@ def _check_trained(folder: Path, quiet: bool) -> int:
             if not torch.isfinite(out.get(name).float()).all():
                 raise VerifyError(f"tensor {name} in {folder} has NaN or infinite values")
     return len(names)
-
-
-def _compare_with_source(name: str, t, entry: dict[str, Any], src: TensorReader, torch) -> None:
-    source = entry["source"]
-    if source not in src.map:
-        raise VerifyError(f"tensor {name}: its planned source {source} is not in the base")
-    expected = src.get(source).to(t.dtype)
-    if entry.get("zeroed"):
-        expected = expected * 0.0
-    if expected.shape != t.shape or not torch.equal(expected, t):
-        raise VerifyError(f"tensor {name} differs from its planned source {source} in the base")
 
 
 def _forward(folder: Path) -> None:

@@ -1,0 +1,131 @@
+"""Choosing m from the base itself: angular distances between hidden states (Gromov et al., 2024).
+
+d(i, k) = arccos(cos(h_i, h_{i+k})) / pi, averaged over the tokens of a text sample, where h_i is
+the hidden state entering layer i. For DUS the seam feeds h_{n-m} (the output of the first copy)
+into layer m of the second copy, which was trained to receive h_m; the seam's mismatch for an
+overlap m is therefore d(m, n - 2m). A small mismatch is what continued pretraining has to heal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dus_plugin.errors import DusError
+
+
+class AnalyzeError(DusError, ValueError):
+    """The analysis input is unusable."""
+
+
+@dataclass
+class Analysis:
+    n: int
+    distances: list[list[float | None]]
+    """distances[i][k-1] = d(i, k) for k = 1 .. n - i; None past the top."""
+    seam_cost: dict[int, float]
+    """m -> d(m, n - 2m) for 1 <= m < n/2."""
+    recommended_m: int
+    reason: str
+    tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "tokens": self.tokens, "seam_cost": self.seam_cost, "recommended_m": self.recommended_m,
+                "reason": self.reason, "distances": self.distances}
+
+
+def angular_distances(hidden: list, mask=None) -> list[list[float | None]]:
+    """Mean angular distance between every pair of hidden states (list of [batch, seq, d] tensors)."""
+    import torch
+
+    n = len(hidden) - 1
+    flat = [h.float().reshape(-1, h.shape[-1]) for h in hidden]
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        flat = [h[keep] for h in flat]
+    unit = [torch.nn.functional.normalize(h, dim=-1) for h in flat]
+    out: list[list[float | None]] = []
+    for i in range(n):
+        row: list[float | None] = []
+        for k in range(1, n + 1):
+            if i + k > n:
+                row.append(None)
+                continue
+            cos = (unit[i] * unit[i + k]).sum(-1).clamp(-1, 1)
+            row.append((torch.arccos(cos) / math.pi).mean().item())
+        out.append(row)
+    return out
+
+
+def recommend(n: int, distances: list[list[float | None]]) -> tuple[dict[int, float], int, str]:
+    """Seam cost per m, and the m to use: the most growth (smallest m) whose seam cost is within
+    10% of the best seam cost among m in [n/8, 3n/8] (the range around the paper's n/4)."""
+    cost = {m: distances[m][n - 2 * m - 1] for m in range(1, (n + 1) // 2) if n - 2 * m >= 1}
+    lo, hi = max(1, n // 8), max(1, (3 * n) // 8)
+    window = {m: c for m, c in cost.items() if lo <= m <= hi} or cost
+    best = min(window.values())
+    m = min(k for k, c in window.items() if c <= best * 1.10)
+    reason = (f"seam cost d(h_m, h_(n-2m)) = {cost[m]:.3f} at m = {m}, within 10% of the lowest cost {best:.3f} "
+              f"for m in {min(window)}..{max(window)}, with the most growth: s = {2 * (n - m)} layers "
+              f"(the paper's m = n/4 = {n // 4} costs {cost.get(n // 4, float('nan')):.3f})")
+    return cost, m, reason
+
+
+def analyze(model_dir: str | Path, texts: list[str], max_length: int = 512, max_windows: int = 16,
+            progress: bool = True) -> Analysis:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise AnalyzeError(f"{path} is not a model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if len(ids) < 2:
+        raise AnalyzeError("the text sample has fewer than 2 tokens; give more text with --text")
+    windows = [ids[k:k + max_length] for k in range(0, len(ids), max_length)][:max_windows]
+    totals: list[list[float | None]] | None = None
+    for w in tqdm(windows, desc="Hidden states", disable=not progress):
+        with torch.no_grad():
+            hs = model(input_ids=w[None], output_hidden_states=True, use_cache=False).hidden_states
+        d = angular_distances(list(hs))
+        weight = len(w)
+        totals = [[None if v is None else v * weight + (0 if totals is None else totals[i][j])
+                   for j, v in enumerate(row)] for i, row in enumerate(d)]
+    n_tok = sum(len(w) for w in windows)
+    dist = [[None if v is None else v / n_tok for v in row] for row in totals or []]
+    n = model.config.num_hidden_layers
+    cost, m, reason = recommend(n, dist)
+    return Analysis(n, dist, cost, m, reason, n_tok)
+
+
+def heatmap(a: Analysis, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.array([[np.nan if v is None else v for v in row] for row in a.distances]).T  # [k-1, i]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120, gridspec_kw={"width_ratios": [3, 2]})
+    im = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xlabel("layer i (hidden state entering it)")
+    ax.set_ylabel("block size k")
+    ax.set_yticks(range(0, a.n, max(1, a.n // 8)), [str(k + 1) for k in range(0, a.n, max(1, a.n // 8))])
+    ax.set_title("angular distance d(h_i, h_i+k)")
+    fig.colorbar(im, ax=ax)
+    ms = sorted(a.seam_cost)
+    ax2.plot(ms, [a.seam_cost[m] for m in ms], "o-")
+    ax2.axvline(a.recommended_m, color="tab:red", ls="--", label=f"recommended m = {a.recommended_m}")
+    ax2.set_xlabel("overlap m")
+    ax2.set_ylabel("seam cost d(h_m, h_(n-m))")
+    ax2.set_title("DUS seam mismatch")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

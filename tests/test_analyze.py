@@ -1,0 +1,47 @@
+"""`dus analyze`: angular distances between hidden states and the overlap recommendation."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from dus_plugin.analyze import angular_distances, recommend
+
+from conftest import REPO
+from helpers import dus
+
+
+def test_angular_distance_definition():
+    a = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    b = torch.tensor([[[0.0, 3.0], [0.0, 1.0]]])  # 90 degrees, then 0 degrees
+    c = torch.tensor([[[-1.0, 0.0], [0.0, -1.0]]])  # 180 degrees from a
+    d = angular_distances([a, b, c])
+    assert d[0][0] == pytest.approx(0.25)  # mean of 0.5 and 0
+    assert d[0][1] == pytest.approx(1.0)
+    assert d[1][0] == pytest.approx((0.5 + 1.0) / 2)
+    assert d[1][1] is None
+
+
+def test_recommendation_reads_the_seam_cost():
+    n = 16
+    # distance grows with the gap: d(i, k) = k / n, so the seam cost d(m, n - 2m) falls as m grows
+    dist = [[(k / n if i + k <= n else None) for k in range(1, n + 1)] for i in range(n)]
+    cost, m, reason = recommend(n, dist)
+    assert cost[4] == pytest.approx((n - 8) / n)
+    assert m == 6 and "s = 20 layers" in reason  # window 2..6: the cheapest seam is m = 6
+
+
+def test_dus_analyze_on_a_tiny_model(tiny_models, tmp_path):
+    out = tmp_path / "a.png"
+    r = dus("analyze", tiny_models["llama"], "--text", REPO / "data" / "tiny_corpus.txt", "--max-length", 64,
+            "--windows", 3, "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.with_suffix(".json").read_text())
+    n = data["n"]
+    assert n == 8 and len(data["distances"]) == n and data["tokens"] == 192
+    assert all(0 <= v <= 1 for row in data["distances"] for v in row if v is not None)
+    assert 1 <= data["recommended_m"] < n / 2 and f"m = {data['recommended_m']}" in r.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    m = data["recommended_m"]
+    assert math.isclose(data["seam_cost"][str(m)], data["distances"][m][n - 2 * m - 1])
