@@ -261,6 +261,20 @@ def analyze(base: Path, texts: tuple[Path, ...], max_length: int, windows: int, 
     click.echo(f"wrote {output} and {output.with_suffix('.json')}", err=True)
 
 
+@main.command("run")
+@click.argument("recipe", required=False, type=click.Path(path_type=Path))
+@click.option("--push", "do_push", is_flag=True, help="Also push the trained folder (push.repo_id in the recipe).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (stage lines stay).")
+@_handle_errors
+def run_(recipe: Path | None, do_push: bool, quiet: bool) -> None:
+    """Plan, upscale, evaluate, train, evaluate, card (and push): the whole recipe, resumable.
+    Without RECIPE: configs/quickstart.yml, a 32-layer base shipped with the package."""
+    from dus_plugin.pipeline import default_recipe, run
+
+    table = run(recipe or default_recipe(), push=do_push, quiet=quiet, echo=click.echo)
+    click.echo("\n" + table)
+
+
 @main.command("mergekit-yaml", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))

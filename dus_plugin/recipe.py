@@ -16,6 +16,7 @@ from pydantic import ConfigDict, ValidationError, field_validator
 
 from dus_plugin.errors import RecipeError
 from dus_plugin.plan import DusPlan, Slice, human_count
+from dus_plugin.validation import first_error
 
 METHODS = ("solar", "identity")
 # The projections that write into the residual stream; zeroing them makes a layer the identity.
@@ -105,27 +106,14 @@ def _zero_filters(parameters: dict[str, Any] | None) -> list[str]:
     return [c["filter"] for c in scale if isinstance(c, dict) and c.get("filter") and c.get("value") == 0]
 
 
-def _loc(err: dict[str, Any]) -> str:
-    parts: list[str] = []
-    for p in err["loc"]:
-        if isinstance(p, int):
-            parts[-1:] = [f"{parts[-1]}[{p}]"] if parts else [f"[{p}]"]
-        else:
-            parts.append(str(p))
-    return ".".join(parts) or "<top level>"
-
-
 def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a YAML mapping with merge_method and slices, got {type(data).__name__}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (misspelled?); DUS recipes accept merge_method, slices, dtype, out_dtype, tokenizer_source, base_model, chat_template, name"
-        raise RecipeError(f"{where}: field {_loc(err)}: {msg}") from None
+        raise RecipeError(first_error(e, where, "unknown key (misspelled?); DUS recipes accept merge_method, slices, "
+                                                "dtype, out_dtype, tokenizer_source, base_model, chat_template, name")) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dus_plugin.errors import DusError
+from dus_plugin.validation import first_error
 
 
 class TrainConfigError(DusError, ValueError):
@@ -157,13 +158,6 @@ class TrainConfig(Strict):
         return max(1, -(-self.max_tokens // tokens_per_step))  # type: ignore[operator]
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
-    for p in loc:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "<top level>"
-
-
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
@@ -177,8 +171,4 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (misspelled?)"
-        raise TrainConfigError(f"{path}: field {_loc(err['loc'])}: {msg}") from None
+        raise TrainConfigError(first_error(e, str(path))) from None

@@ -1,0 +1,190 @@
+"""`dus run RECIPE`: plan -> upscale -> eval (before) -> continued pretraining -> eval (after) -> card -> push.
+
+Every stage writes files and skips itself when its output is already complete, so re-running a
+recipe resumes where it stopped (training resumes from its last checkpoint) and never redoes work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dus_plugin.errors import RecipeError
+from dus_plugin.validation import first_error
+
+LOG = logging.getLogger(__name__)
+PKG = Path(__file__).parent
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UpscaleSpec(Strict):
+    drop: Optional[int] = None
+    """Overlap m [default: n/4]."""
+    layers: Optional[str] = None
+    """Explicit stacking instead of drop, e.g. 0:24,8:32."""
+    method: Literal["solar", "identity"] = "solar"
+    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+
+
+class EvalSpec(Strict):
+    text_files: list[str] = Field(min_length=1)
+    max_length: int = Field(256, gt=1)
+    stride: Optional[int] = None
+    tasks: Optional[str] = None
+    """lm-eval tasks (h6 or names), needs the [eval] extra."""
+    include_paths: list[str] = []
+    batch_size: int = Field(8, gt=0)
+
+
+class PushSpec(Strict):
+    repo_id: Optional[str] = None
+    private: bool = False
+    revision: Optional[str] = None
+
+
+class RunRecipe(Strict):
+    name: str = "dus-run"
+    base: str
+    """Base model folder or Hub id."""
+    base_model_id: Optional[str] = None
+    """Hub id the card links when ``base`` is a local folder."""
+    output_dir: str
+    upscale: UpscaleSpec = UpscaleSpec()
+    eval: EvalSpec
+    train: dict[str, Any]
+    """A training config (see configs/cpt_tiny.yml) without model and output_dir, which the run fills."""
+    push: PushSpec = PushSpec()
+
+
+def _resolve_pkg(value: Any) -> Any:
+    """'pkg:quickstart_data/x' -> the file inside the installed dus_plugin package."""
+    if isinstance(value, str) and value.startswith("pkg:"):
+        return str(PKG / value[4:])
+    if isinstance(value, dict):
+        return {k: _resolve_pkg(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_pkg(v) for v in value]
+    return value
+
+
+def default_recipe() -> Path:
+    for candidate in (Path("configs/quickstart.yml"), PKG.parent / "configs" / "quickstart.yml"):
+        if candidate.is_file():
+            return candidate
+    raise RecipeError("no configs/quickstart.yml here; run from the dus-plugin repository or pass a recipe")
+
+
+def load_run_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> RunRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"run recipe {path} does not exist; start from configs/quickstart.yml")
+    data = _resolve_pkg(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    for key, value in (overrides or {}).items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    try:
+        return RunRecipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(first_error(e, str(path))) from None
+
+
+class Stages:
+    """Numbered stage headers, timings and skip notes: one progress view across the run."""
+
+    def __init__(self, total: int, echo: Callable[[str], None]):
+        self.total, self.k, self.echo = total, 0, echo
+
+    def run(self, name: str, done: bool, fn: Callable[[], Any]) -> Any:
+        self.k += 1
+        if done:
+            self.echo(f"[{self.k}/{self.total}] {name}: already complete, skipped")
+            return None
+        self.echo(f"[{self.k}/{self.total}] {name} ...")
+        t0 = time.perf_counter()
+        out = fn()
+        self.echo(f"[{self.k}/{self.total}] {name}: done in {time.perf_counter() - t0:.1f} s")
+        return out
+
+
+def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: Callable[[str], None] = print,
+        overrides: dict[str, Any] | None = None) -> str:
+    """Run every stage; return the before/after table (also written to OUTPUT_DIR/summary.md)."""
+    from dus_plugin.card import write_card
+    from dus_plugin.eval.results import compare_table, load_result
+    from dus_plugin.train.config import TrainConfig
+    from dus_plugin.upscale import UpscaleOptions, upscale
+
+    r = load_run_recipe(recipe_path, overrides)
+    out = Path(r.output_dir)
+    up, final = out / "upscaled", out / "train" / "final"
+    results = {"base": out / "eval" / "base.json", "upscaled": up / "eval" / "upscaled.json",
+               "trained": final / "eval" / "trained.json"}
+    try:
+        train_cfg = TrainConfig.model_validate({**r.train, "model": str(up), "output_dir": str(out / "train")})
+    except ValidationError as e:
+        raise RecipeError(first_error(e, f"{recipe_path} (train)")) from None
+    stages = Stages(8 if push else 7, echo)
+    stages.run("plan", (out / "recipe.yml").is_file(), lambda: _plan(r, out / "recipe.yml"))
+    stages.run("upscale + verify", (up / "dus_manifest.json").is_file(),
+               lambda: upscale(out / "recipe.yml", up, UpscaleOptions(quiet=quiet, overwrite=True, forward=True)))
+    stages.run("eval base", results["base"].is_file(), lambda: _eval(r, _base_dir(r), results["base"], "base", quiet))
+    stages.run("eval upscaled (before training)", results["upscaled"].is_file(),
+               lambda: _eval(r, up, results["upscaled"], "upscaled", quiet))
+    stages.run("continued pretraining", (final / "dus_manifest.json").is_file(), lambda: _train(train_cfg, quiet))
+    stages.run("eval trained", results["trained"].is_file(), lambda: _eval(r, final, results["trained"], "trained", quiet))
+    stages.run("model card", False, lambda: write_card(final, base_model=r.base_model_id,
+                                                         results=[results["base"], results["upscaled"]]))
+    if push:
+        if not r.push.repo_id:
+            raise RecipeError(f"{recipe_path}: field push.repo_id is empty; set it to push, e.g. me/{r.name}")
+        from dus_plugin.hub import push as hub_push
+
+        stages.run("push", False, lambda: hub_push(final, r.push.repo_id, private=r.push.private,
+                                                   revision=r.push.revision))
+    table = compare_table([load_result(p) for p in results.values()])
+    (out / "summary.md").write_text(f"# {r.name}\n\n{table}\n")
+    return table
+
+
+def _plan(r: RunRecipe, path: Path) -> None:
+    from dus_plugin.io import atomic_write_text
+    from dus_plugin.plan import layer_list_plan, parse_layers, solar_plan
+    from dus_plugin.recipe import build_recipe, render_recipe
+    from dus_plugin.source import check_decoder_lm, padded_vocab, resolve_base
+
+    b = resolve_base(r.base)
+    check_decoder_lm(b)
+    p = layer_list_plan(b.config, parse_layers(r.upscale.layers)) if r.upscale.layers else \
+        solar_plan(b.config, r.upscale.drop)
+    doc = build_recipe(r.base, p, method=r.upscale.method, dtype=r.upscale.dtype, tokenizer_source=not padded_vocab(b))
+    atomic_write_text(path, render_recipe(doc, p, method=r.upscale.method, command=["dus", "run", r.name]))
+
+
+def _base_dir(r: RunRecipe) -> Path:
+    from dus_plugin.source import resolve_base
+    from dus_plugin.upscale import _local_base
+
+    return _local_base(resolve_base(r.base))
+
+
+def _eval(r: RunRecipe, model: Path, path: Path, label: str, quiet: bool) -> None:
+    from dus_plugin.eval.results import save_result
+    from dus_plugin.eval.run import evaluate
+
+    e = r.eval
+    save_result(evaluate(model, texts=e.text_files, tasks=e.tasks, include_paths=e.include_paths,
+                         max_length=e.max_length, stride=e.stride, batch_size=e.batch_size, label=label,
+                         progress=not quiet), path)
+
+
+def _train(cfg, quiet: bool) -> None:
+    from dus_plugin.train.loop import train
+
+    train(cfg, resume=True, quiet=quiet)  # continues from a checkpoint if an earlier run stopped
