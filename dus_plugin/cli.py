@@ -17,9 +17,20 @@ from dus_plugin.errors import DusError
 LOG = logging.getLogger("dus_plugin")
 
 
+def _quiet_libraries() -> None:
+    """-q: no progress bars from huggingface_hub, transformers or accelerate either."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("quiet"):
+            _quiet_libraries()
         try:
             return fn(*args, **kwargs)
         except DusError as e:

@@ -47,3 +47,12 @@ def test_unknown_task_is_a_clear_error(tiny_llama):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     with pytest.raises(EvalError, match="unknown"):
         run_tasks(model, tok, parse_tasks("no_such_task"), use_default_tasks=False)
+
+
+def test_tasks_without_lm_eval_say_how_to_install(monkeypatch, tiny_llama):
+    import sys
+
+    from helpers import assert_one_line_error, dus
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    assert_one_line_error(dus("eval", tiny_llama, "--tasks", "h6"), "pip install 'dus-plugin[eval]'")

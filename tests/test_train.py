@@ -261,3 +261,34 @@ def test_training_with_fused_projections_exports_a_loadable_model(tmp_path, tiny
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
     AutoModelForCausalLM.from_pretrained(fused.export_dir)
+
+
+def test_streaming_datasets_source_stops_at_max_tokens(tmp_path, tiny_llama):
+    """`hf:` sources go through datasets.load_dataset; with streaming the stream is cut at max_tokens."""
+    from transformers import AutoTokenizer
+
+    from dus_plugin.train.config import DataSource
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs()))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    full = tokenize_source(DataSource(path=f"hf:{folder}"), tok, tmp_path / "c", False)
+    cut = tokenize_source(DataSource(path=f"hf:{folder}", streaming=True, max_tokens=300), tok, tmp_path / "c", False)
+    assert len(cut) == 300 and np.array_equal(np.asarray(cut), np.asarray(full[:300]))
+
+
+def test_seam_lr_multiplier_groups(tiny_dus):
+    from dus_plugin.train.config import SeamConfig
+    from dus_plugin.train.seam import param_groups, read_layout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dus)
+    layout = read_layout(tiny_dus)
+    assert layout.seam == [6] and layout.duplicated == [6, 7, 8, 9]
+    groups = param_groups(model, SeamConfig(seam_lr_multiplier=3.0, window=2), layout, lr=1e-3, weight_decay=0.1)
+    for g in groups:
+        layers = {int(n.split(".")[2]) for n in g["names"] if ".layers." in n}
+        assert g["lr"] == pytest.approx(3e-3 if layers and layers <= {4, 5, 6, 7} else 1e-3)
+        assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    boosted = {n for g in groups if g["lr_mult"] == 3.0 for n in g["names"]}
+    assert {int(n.split(".")[2]) for n in boosted} == {4, 5, 6, 7}
