@@ -83,8 +83,9 @@ def build_base(out: Path, steps: int, seed: int = 0) -> Path:
     from dus_plugin.train.config import TrainConfig
     from dus_plugin.train.loop import train
 
-    work = out.parent / ".quickstart-build"
-    shutil.rmtree(work, ignore_errors=True)
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="dus-quickstart-build-"))  # never inside the package
     train_txt, _ = build_corpus(out)
     tok = build_tokenizer(train_txt)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=192, num_hidden_layers=32,
