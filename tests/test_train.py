@@ -202,14 +202,20 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
 
 
 def test_two_process_accelerate_launch(tmp_path, tiny_dus):
-    """A real `accelerate launch` with 2 CPU processes (gloo): finishes, loses no step, loss falls."""
+    """A real `accelerate launch` with 2 CPU processes (gloo): finishes, loses no step, loss falls.
+
+    `accelerate launch --cpu` starts one process unless mpirun is used; the torchrun-based
+    launcher with ACCELERATE_USE_CPU=true gives two ranks on gloo (DistributedType.MULTI_CPU).
+    """
     cfg = make_config(tmp_path, tiny_dus, max_steps=12, log_every=1, save_every=6, tensorboard=False)
     exe = Path(sys.executable).with_name("accelerate")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(exe), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    proc = subprocess.run([str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dus_plugin.train",
                            str(cfg), "-q"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["distributed_type"] == "MULTI_CPU"
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert rows[-1]["tokens"] == 12 * 8 * 64

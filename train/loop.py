@@ -39,13 +39,18 @@ class TrainResult:
     export_dir: str | None = None
     phases: dict[str, float] = field(default_factory=dict)
     tokens_per_second: float | None = None
+    processes: int = 1
+    distributed_type: str = "NO"
 
 
 def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
 
-    accum = cfg.grad_accum(PartialState().num_processes)
-    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no", gradient_accumulation_steps=accum)
+    # The Accelerator must be made first: a bare PartialState() would fix accelerate's shared state
+    # without the launcher's ACCELERATE_USE_CPU, leaving every CPU process alone in its own world.
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    accelerator.gradient_accumulation_steps = cfg.grad_accum(accelerator.num_processes)
+    return accelerator
 
 
 def _load_model(cfg: TrainConfig, accelerator):
@@ -159,7 +164,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     bar.close()
     metrics.close()
     result = TrainResult(end, tokens_seen, last_loss, last_val, str(out),
-                         phases={k: sum(v) / len(v) for k, v in phase_losses.items()}, tokens_per_second=rate)
+                         phases={k: sum(v) / len(v) for k, v in phase_losses.items()}, tokens_per_second=rate,
+                         processes=world, distributed_type=str(accelerator.distributed_type.value))
     if accelerator.is_main_process:
         plot_loss(metrics.rows(), out / "loss_curve.png")
     if cfg.export and end == total:
