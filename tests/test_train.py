@@ -298,3 +298,14 @@ def test_seam_lr_multiplier_groups(tiny_dus):
         assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
     boosted = {n for g in groups if g["lr_mult"] == 3.0 for n in g["names"]}
     assert {int(n.split(".")[2]) for n in boosted} == {4, 5, 6, 7}
+
+
+def test_training_an_export_of_a_plain_base_again(tmp_path, tiny_llama):
+    """An export of a base that was never upscaled has a manifest without a plan; it trains again."""
+    plain = {"focus": "none", "seam_lr_multiplier": 1.0}
+    first = train(load_train_config(make_config(tmp_path / "1", tiny_llama, max_steps=2, save_every=0, seam=plain)),
+                  quiet=True)
+    again = train(load_train_config(make_config(tmp_path / "2", Path(first.export_dir), max_steps=2, save_every=0,
+                                                seam=plain)), quiet=True)
+    stages = json.loads((Path(again.export_dir) / "dus_manifest.json").read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["train", "train"]

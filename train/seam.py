@@ -37,7 +37,9 @@ def read_layout(model_dir: str | Path) -> SeamLayout | None:
     path = Path(model_dir) / "dus_manifest.json"
     if not path.is_file():
         return None
-    plan = json.loads(path.read_text())["plan"]
+    plan = json.loads(path.read_text()).get("plan")
+    if plan is None:  # a trained export of a base that was never upscaled: no seam to speak of
+        return None
     return SeamLayout(plan["s"], list(plan["seam"]), list(plan["duplicated_outputs"]))
 
 
