@@ -25,14 +25,17 @@ class Analysis:
     distances: list[list[float | None]]
     """distances[i][k-1] = d(i, k) for k = 1 .. n - i; None past the top."""
     seam_cost: dict[int, float]
-    """m -> d(m, n - 2m) for 1 <= m < n/2."""
+    """m -> d(m, n - 2m) for 1 <= m < n/2 (see recommend() for why it is compared relatively)."""
+    relative_cost: dict[int, float]
+    """m -> seam cost over the mean distance of jumps of the same size (what the recommendation ranks)."""
     recommended_m: int
     reason: str
     tokens: int
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "tokens": self.tokens, "seam_cost": self.seam_cost, "recommended_m": self.recommended_m,
+        return {"n": self.n, "tokens": self.tokens, "seam_cost": self.seam_cost, "relative_cost": self.relative_cost,
+                "recommended_m": self.recommended_m,
                 "reason": self.reason, "distances": self.distances}
 
 
@@ -59,20 +62,27 @@ def angular_distances(hidden: list, mask=None) -> list[list[float | None]]:
     return out
 
 
-def recommend(n: int, distances: list[list[float | None]]) -> tuple[dict[int, float], int, str]:
-    """Seam cost per m, and the m to use: the most growth (smallest m) whose seam cost is within
-    10% of the best seam cost among m in [n/8, 3n/8] (the range around the paper's n/4)."""
+def recommend(n: int, distances: list[list[float | None]]) -> tuple[dict[int, float], dict[int, float], int, str]:
+    """Seam cost per m, and the m to use.
+
+    The raw seam cost d(m, n - 2m) shrinks with the gap n - 2m, so taken alone it would always favour
+    the largest m. What tells one m from another is how unusual the seam's jump is for its size:
+    relative cost = d(m, n - 2m) / (mean over i of d(i, n - 2m)). Below 1, the base's layer m
+    already sees states close to what the first copy hands it. Recommended: the lowest relative
+    cost for m in [n/8, 3n/8], the range around the paper's n/4 (ties go to the m nearest n/4).
+    """
     cost = {m: distances[m][n - 2 * m - 1] for m in range(1, (n + 1) // 2) if n - 2 * m >= 1}
+    relative = {}
+    for m, c in cost.items():
+        same_size = [row[n - 2 * m - 1] for row in distances if row[n - 2 * m - 1] is not None]
+        relative[m] = c / (sum(same_size) / len(same_size)) if same_size and sum(same_size) > 0 else 1.0
     lo, hi = max(1, n // 8), max(1, (3 * n) // 8)
-    window = {m: c for m, c in cost.items() if lo <= m <= hi} or cost
-    best = min(window.values())
-    m = min(k for k, c in window.items() if c <= best * 1.10)
-    reason = (f"seam cost d(h_m, h_(n-2m)) = {cost[m]:.3f} at m = {m}, within 10% of the lowest cost {best:.3f} "
-              f"for m in {min(window)}..{max(window)}, with the most growth: s = {2 * (n - m)} layers "
-              f"(the paper's m = n/4 = {n // 4} costs {cost.get(n // 4, float('nan')):.3f})")
-    return cost, m, reason
-
-
+    window = [m for m in cost if lo <= m <= hi] or list(cost)
+    m = min(window, key=lambda k: (round(relative[k], 6), abs(k - n / 4)))
+    reason = (f"relative seam cost {relative[m]:.3f} (seam jump d = {cost[m]:.3f} over the mean jump of the same size) "
+              f"is the lowest for m in {min(window)}..{max(window)}; s = {2 * (n - m)} layers"
+              + (f"; the paper's m = {n // 4} scores {relative[n // 4]:.3f}" if n // 4 in relative else ""))
+    return cost, relative, m, reason
 def analyze(model_dir: str | Path, texts: list[str], max_length: int = 512, max_windows: int = 16,
             progress: bool = True) -> Analysis:
     import torch
@@ -99,8 +109,8 @@ def analyze(model_dir: str | Path, texts: list[str], max_length: int = 512, max_
     n_tok = sum(len(w) for w in windows)
     dist = [[None if v is None else v / n_tok for v in row] for row in totals or []]
     n = model.config.num_hidden_layers
-    cost, m, reason = recommend(n, dist)
-    return Analysis(n, dist, cost, m, reason, n_tok)
+    cost, relative, m, reason = recommend(n, dist)
+    return Analysis(n, dist, cost, relative, m, reason, n_tok)
 
 
 def heatmap(a: Analysis, path: str | Path) -> Path:
@@ -119,10 +129,11 @@ def heatmap(a: Analysis, path: str | Path) -> Path:
     ax.set_title("angular distance d(h_i, h_i+k)")
     fig.colorbar(im, ax=ax)
     ms = sorted(a.seam_cost)
-    ax2.plot(ms, [a.seam_cost[m] for m in ms], "o-")
+    ax2.plot(ms, [a.seam_cost[m] for m in ms], "o-", label="seam jump d(h_m, h_(n-m))")
+    ax2.plot(ms, [a.relative_cost[m] for m in ms], "s-", label="relative to jumps of the same size")
+    ax2.axhline(1.0, color="gray", lw=0.8)
     ax2.axvline(a.recommended_m, color="tab:red", ls="--", label=f"recommended m = {a.recommended_m}")
     ax2.set_xlabel("overlap m")
-    ax2.set_ylabel("seam cost d(h_m, h_(n-m))")
     ax2.set_title("DUS seam mismatch")
     ax2.legend()
     fig.tight_layout()

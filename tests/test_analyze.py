@@ -23,13 +23,20 @@ def test_angular_distance_definition():
     assert d[1][1] is None
 
 
-def test_recommendation_reads_the_seam_cost():
+def test_recommendation_compares_the_seam_with_jumps_of_its_size():
     n = 16
-    # distance grows with the gap: d(i, k) = k / n, so the seam cost d(m, n - 2m) falls as m grows
+    # distance grows with the gap only: d(i, k) = k / n. The raw seam cost falls as m grows, but no m is
+    # special, so the recommendation stays at the paper's n/4.
     dist = [[(k / n if i + k <= n else None) for k in range(1, n + 1)] for i in range(n)]
-    cost, m, reason = recommend(n, dist)
+    cost, relative, m, reason = recommend(n, dist)
+    assert all(r == pytest.approx(1.0) for r in relative.values())
     assert cost[4] == pytest.approx((n - 8) / n)
-    assert m == 6 and "s = 20 layers" in reason  # window 2..6: the cheapest seam is m = 6
+    assert m == 4 and "s = 24 layers" in reason
+    # make the pair (h_5, h_11) unusually close: m = 5 becomes the cheap seam
+    dist[5][11 - 5 - 1] = 0.1
+    _, relative, m, reason = recommend(n, dist)
+    assert relative[5] < 1
+    assert m == 5 and "s = 22 layers" in reason
 
 
 def test_dus_analyze_on_a_tiny_model(tiny_models, tmp_path):
