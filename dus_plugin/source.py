@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -112,14 +111,6 @@ def check_decoder_lm(base: BaseModel) -> None:
             f"base {base.ref} is a {arch}, not a decoder LM that mergekit knows; DUS needs a *ForCausalLM "
             "architecture from mergekit's list (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...)"
         )
-
-
-def file_sha256(path: Path, chunk: int = 1 << 23) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_size(base: BaseModel) -> int | None:

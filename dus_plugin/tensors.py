@@ -6,7 +6,6 @@ import json
 import re
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
 
 from dus_plugin.errors import BaseModelError
 
@@ -95,9 +94,3 @@ class TensorReader:
 
     def names(self) -> list[str]:
         return list(self.map)
-
-    def by_file(self) -> Iterator[tuple[str, list[str]]]:
-        files: dict[str, list[str]] = {}
-        for name, f in self.map.items():
-            files.setdefault(f, []).append(name)
-        yield from sorted(files.items())
