@@ -159,9 +159,7 @@ def train(config: Path, resume: bool, stop_after: int | None, quiet: bool) -> No
     from dus_plugin.train.loop import train as run
 
     r = run(load_train_config(config), resume=resume, quiet=quiet, stop_after=stop_after)
-    click.echo(f"trained {r.steps} steps, {r.tokens} tokens; loss {r.loss:.4f}"
-               + (f", validation loss {r.val_loss:.4f}" if r.val_loss is not None else "")
-               + (f"; exported {r.export_dir}" if r.export_dir else ""))
+    click.echo(r.summary())
 
 
 @main.command("eval")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from dus_plugin.errors import UpscaleError
 from dus_plugin.recipe import Recipe
-from dus_plugin.tensors import layer_index, with_layer
+from dus_plugin.tensors import SourceTensor, layer_index, read_header, with_layer
 
 LOG = logging.getLogger(__name__)
 CHUNK = 64 << 20
@@ -32,16 +32,6 @@ TORCH_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
-
-
-@dataclass
-class SourceTensor:
-    file: Path
-    dtype: str
-    shape: list[int]
-    start: int
-    """Absolute byte offset of the data in the file."""
-    nbytes: int
 
 
 @dataclass
@@ -62,20 +52,6 @@ class OutTensor:
     @property
     def raw_copy(self) -> bool:
         return not self.zero and self.dtype == self.src.dtype
-
-
-def read_header(path: Path) -> dict[str, SourceTensor]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    base = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        out[name] = SourceTensor(path, info["dtype"], info["shape"], base + a, b - a)
-    return out
 
 
 def streamable(recipe: Recipe) -> str | None:
@@ -293,15 +269,4 @@ def build_config(base_dir: str, layer_map: list[int], layers_key: str, dtype: st
 
 def hash_file_tensors(path: Path) -> dict[str, str]:
     """sha256 of every tensor's raw bytes in a safetensors file, read in chunks (no torch)."""
-    out = {}
-    with open(path, "rb") as f:
-        for name, t in read_header(path).items():
-            h = hashlib.sha256()
-            f.seek(t.start)
-            left = t.nbytes
-            while left:
-                chunk = f.read(min(CHUNK, left))
-                h.update(chunk)
-                left -= len(chunk)
-            out[name] = h.hexdigest()
-    return out
+    return {name: hash_range(path, t.start, t.nbytes) for name, t in read_header(path).items()}

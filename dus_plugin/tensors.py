@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import struct
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from dus_plugin.errors import BaseModelError
@@ -33,31 +36,60 @@ def weight_map(folder: Path) -> dict[str, str]:
         raise BaseModelError(f"{folder} has no .safetensors weights; save or convert the model with safe_serialization")
     out: dict[str, str] = {}
     for f in files:
-        for key in _keys(f):
+        for key in read_header(f):
             out[key] = f.name
     return out
 
 
-def _keys(path: Path) -> list[str]:
-    """Tensor names of a safetensors file, after checking its header against the file's size."""
-    import struct
+@dataclass
+class SourceTensor:
+    """One tensor's place in a safetensors file."""
 
-    def bad(why: str) -> BaseModelError:
-        return BaseModelError(f"{path} is not a readable safetensors file ({why}); re-download or re-save it")
+    file: Path
+    dtype: str
+    shape: list[int]
+    start: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
 
+
+def _raw_header(path: Path) -> tuple[bytes, int]:
+    """(the JSON header's bytes, the file's size), after checking the header fits in the file."""
     size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _unreadable(path, f"only {size} bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise _unreadable(path, f"header of {n} bytes in a file of {size}")
+        return f.read(n), size
+
+
+def _unreadable(path: Path, why: str) -> BaseModelError:
+    return BaseModelError(f"{path} is not a readable safetensors file ({why}); re-download or re-save it")
+
+
+def read_header(path: Path) -> dict[str, SourceTensor]:
+    """Every tensor of a safetensors file with its byte range, checked against the file's size."""
+    raw, size = _raw_header(path)
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise bad(f"header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise bad("its header is not valid") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise bad(f"truncated: the header needs {8 + n + end} bytes, the file has {size}")
-    return [k for k in header if k != "__metadata__"]
+        header = json.loads(raw)
+        base = 8 + len(raw)
+        out = {name: SourceTensor(path, info["dtype"], list(info["shape"]), base + info["data_offsets"][0],
+                                  info["data_offsets"][1] - info["data_offsets"][0])
+               for name, info in header.items() if name != "__metadata__"}
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+        raise _unreadable(path, "its header is not valid") from None
+    end = max((t.start + t.nbytes for t in out.values()), default=0)
+    if end > size:
+        raise _unreadable(path, f"truncated: the header needs {end} bytes, the file has {size}")
+    return out
+
+
+def header_sha256(path: Path) -> str:
+    """sha256 of a safetensors file's header: identifies a shard without reading its data."""
+    return hashlib.sha256(_raw_header(path)[0]).hexdigest()
 
 
 def check_readable(folder: Path) -> None:
@@ -66,7 +98,7 @@ def check_readable(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise BaseModelError(f"{folder} index names {name}, which is missing; re-download the model")
-        _keys(path)
+        read_header(path)
 
 
 class TensorReader:

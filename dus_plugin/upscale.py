@@ -22,7 +22,7 @@ from dus_plugin.manifest import FORMAT, write_manifest
 from dus_plugin.plan import DusPlan, Slice, count_params
 from dus_plugin.recipe import Recipe, check_against_base, load_recipe
 from dus_plugin.source import BaseModel, check_decoder_lm, resolve_base
-from dus_plugin.tensors import check_readable, layer_index, with_layer
+from dus_plugin.tensors import check_readable, header_sha256, layer_index, read_header, weight_map, with_layer
 
 LOG = logging.getLogger(__name__)
 TMP_MARK = ".dus-tmp-"
@@ -98,8 +98,6 @@ def _check_filters(recipe: Recipe, base: BaseModel, where: str) -> None:
     filters = {f for fs in recipe.zeroed_outputs().values() for f in fs}
     if not filters:
         return
-    from dus_plugin.tensors import weight_map
-
     if base.local_path is None or not any(base.local_path.glob("*.safetensors")):
         return  # a Hub base not downloaded yet: mergekit's run will tell
     names = [n for n in weight_map(base.local_path) if layer_index(n) is not None]
@@ -212,8 +210,7 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
 
     from tqdm import tqdm
 
-    from dus_plugin.stream import hash_file_tensors, read_header
-    from dus_plugin.tensors import weight_map
+    from dus_plugin.stream import hash_file_tensors
 
     plan = plan_of(recipe, base.config)
     zeroed = recipe.zeroed_outputs()
@@ -243,7 +240,7 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
             "architecture": base.architecture,
             "config": base.config,
             # size + header hash identify a shard cheaply; the tensors' own hashes are below
-            "files": {f: {"size": (base_dir / f).stat().st_size, "header_sha256": _header_sha(base_dir / f)}
+            "files": {f: {"size": (base_dir / f).stat().st_size, "header_sha256": header_sha256(base_dir / f)}
                       for f in base_files},
         },
         "recipe": recipe.model_dump(exclude_none=True),
@@ -256,15 +253,6 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
 
 
 _TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
-
-
-def _header_sha(path: Path) -> str:
-    import hashlib
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return hashlib.sha256(f.read(n)).hexdigest()
 
 
 def _commit(tmp: Path, out: Path) -> None:

@@ -97,8 +97,7 @@ def _check_tensors(folder: Path, manifest: dict[str, Any], base_dir: Path | None
     """
     from tqdm import tqdm
 
-    from dus_plugin.stream import read_header
-    from dus_plugin.tensors import weight_map
+    from dus_plugin.tensors import read_header, weight_map
 
     if "tensors" not in manifest:  # a trained export: weights moved on, so check they are sane
         return _check_trained(folder, quiet)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from dus_plugin.fixtures import FAMILIES
-from dus_plugin.stream import read_header, streamable
+from dus_plugin.stream import streamable
+from dus_plugin.tensors import read_header
 
 from helpers import assert_one_line_error, dus
 

@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except DusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"trained {result.steps} steps, {result.tokens} tokens; loss {result.loss:.4f}"
-          + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
-          + (f"; exported {result.export_dir}" if result.export_dir else ""))
+    print(result.summary())
     return 0
 
 

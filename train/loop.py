@@ -42,6 +42,12 @@ class TrainResult:
     processes: int = 1
     distributed_type: str = "NO"
 
+    def summary(self) -> str:
+        """The line the CLIs print when a run ends."""
+        return (f"trained {self.steps} steps, {self.tokens} tokens; loss {self.loss:.4f}"
+                + (f", validation loss {self.val_loss:.4f}" if self.val_loss is not None else "")
+                + (f"; exported {self.export_dir}" if self.export_dir else ""))
+
 
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
