@@ -3,14 +3,20 @@
 One pretrained 32-layer base, then the same extra token budget T for every arm:
   (a) the base trained on for T          (b) DUS m=8 -> 48 layers, then T
   (c) identity (function-preserving) m=8 (d) DUS with m = 4 and m = 12
-  (e) a 48-layer model from scratch for the base's tokens + T
+  (e) a 48-layer model from scratch for the base's tokens + T (the base's pretraining recipe)
   (f) all 32 layers repeated in order (32 -> 64, the paper's foil for the seam argument)
-Corpus: docstrings of the installed packages' Python sources (transformers, torch, numpy, jax:
-Apache-2.0 / BSD-3-Clause), extracted with `ast` (no imports), split 98/2 by document.
-Results go to OUT/reproduce.json after every arm (curves from each run's metrics.jsonl).
+Corpus: docstrings of the installed packages' Python sources (transformers, torch, numpy, jax, scipy,
+sympy: Apache-2.0 / BSD-3-Clause), extracted with `ast` (no imports), split 98/2 by document.
+`dus analyze` runs on the base, so its recommended m can be checked against arm (d).
 
-  python benchmarks/reproduce.py --out DIR            # on the GPU machine
-  python benchmarks/reproduce.py --out DIR --tiny     # CPU smoke run of the same code
+The runs are small enough that one process leaves the GPU mostly idle (Python-bound), so arms run
+`--jobs` at a time in separate processes; their tokens/s are therefore not throughput numbers.
+State lives in WORK: a second call on the same machine resumes (the base and finished arms are kept).
+Results go to OUT/reproduce.json after every arm.
+
+  python benchmarks/reproduce.py --out DIR                 # on the GPU machine
+  python benchmarks/reproduce.py --out DIR --tiny --jobs 2 # CPU smoke run of the same code
+  python benchmarks/reproduce.py --render benchmarks/results/reproduce.json --png docs/reproduction.png
 """
 
 from __future__ import annotations
@@ -23,11 +29,30 @@ import json
 import random
 import shutil
 import time
-from multiprocessing import Pool
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import Pool, get_context
 from pathlib import Path
 
 PACKAGES = ("transformers", "torch", "numpy", "jax", "scipy", "sympy")
+SETTINGS = dict(hidden=256, heads=4, seq=256, micro=64, precision="bf16", val_batches=8, n=32, corpus_bytes=30_000_000,
+                vocab=2048, lr=2e-3, warmup=50, eval_every=50, base_steps=1000,
+                # continued pretraining: re-warm to 1.5x the LR the base's cosine ended at (2e-4), not to
+                # its peak, so that the plain base does not spike and an early gap is the seam's own
+                extra_steps=300, cont_lr=3e-4, cont_warmup=30, cont_eval_every=20)
+TINY = dict(hidden=32, seq=64, micro=4, base_steps=12, extra_steps=6, eval_every=3, cont_eval_every=3, val_batches=2,
+            corpus_bytes=400_000, precision="fp32", warmup=2, cont_warmup=2, vocab=512)
+PRETRAIN_KEYS = ("hidden", "heads", "seq", "micro", "precision", "val_batches", "n", "corpus_bytes", "vocab", "lr",
+                 "warmup", "eval_every", "base_steps")
 
+
+def arm_specs(n: int) -> dict[str, dict]:
+    return {"a_base_continued": {}, "b_dus_m8": {"drop": n // 4},
+            "c_identity_m8": {"drop": n // 4, "method": "identity"},
+            "d_dus_m4": {"drop": n // 8}, "d_dus_m12": {"drop": 3 * n // 8},
+            "e_scratch48": {"scratch": 3 * n // 2}, "f_repeat_all": {"layers": f"0:{n},0:{n}"}}
+
+
+# --- corpus ---------------------------------------------------------------------------------------
 
 def _docstrings(path: str) -> list[str]:
     try:
@@ -68,138 +93,325 @@ def build_corpus(out: Path, max_bytes: int, seed: int = 0) -> dict:
     return {"packages": used, "documents": len(kept), "bytes": size, "files_scanned": len(files)}
 
 
-def train_run(model: Path, out: Path, data: Path, steps: int, s: dict, seed: int = 0):
+# --- one run (each in its own process) --------------------------------------------------------------
+
+def train_run(model: Path, out: Path, work: Path, steps: int, s: dict, lr: float, warmup: int, eval_every: int,
+              seed: int = 0):
     from dus_plugin.train.config import TrainConfig
     from dus_plugin.train.loop import train
 
     cfg = TrainConfig.model_validate({
         "model": str(model), "output_dir": str(out),
-        "data": {"sources": [{"path": str(data)}], "seq_len": s["seq"], "val_fraction": 0.01,
-                 "cache_dir": str(out.parent / "token_cache")},
+        "data": {"sources": [{"path": str(work / "corpus" / "train.txt")}], "seq_len": s["seq"],
+                 "val_fraction": 0.01, "cache_dir": str(work / "token_cache")},
         "micro_batch_size": s["micro"], "global_batch_size": s["micro"], "max_steps": steps, "seed": seed,
-        "optimizer": {"lr": s["lr"], "weight_decay": 0.1}, "schedule": {"kind": "cosine", "warmup_steps": s["warmup"]},
-        "precision": s["precision"], "log_every": s["eval_every"], "eval_every": s["eval_every"],
+        "optimizer": {"lr": lr, "weight_decay": 0.1}, "schedule": {"kind": "cosine", "warmup_steps": warmup},
+        "precision": s["precision"], "log_every": eval_every, "eval_every": eval_every, "eval_on_start": True,
         "val_batches": s["val_batches"], "save_every": 0, "save_final": False, "tensorboard": False,
     })
-    t0 = time.perf_counter()
     result = train(cfg, quiet=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-    return result, curve, time.perf_counter() - t0
+    return result, [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
 
 
-def heldout_loss(model_dir: Path, text: str, max_length: int) -> float:
+def heldout_loss(model_dir: Path, work: Path, seq: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dus_plugin.eval.perplexity import perplexity
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    text = (work / "corpus" / "heldout.txt").read_text()[:400_000]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev)
-    r = perplexity(model, AutoTokenizer.from_pretrained(model_dir), [text], max_length=max_length,
-                   batch_size=32, progress=False)
-    del model
+    r = perplexity(model, AutoTokenizer.from_pretrained(model_dir), [text], max_length=seq, batch_size=32,
+                   progress=False)
     return r.loss
 
 
-def make_model(folder: Path, layers: int, s: dict, tokenizer, seed: int) -> Path:
+def make_model(folder: Path, layers: int, s: dict, tokenizer_dir: Path, seed: int) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=s["hidden"], intermediate_size=3 * s["hidden"],
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=s["hidden"], intermediate_size=3 * s["hidden"],
                       num_hidden_layers=layers, num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
-                      max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                      max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     cfg.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
 
 
-def upscale_arm(base: Path, work: Path, name: str, plan_args: list[str], method: str = "solar") -> Path:
-    import json as _json
-
+def upscale_arm(base: Path, work: Path, name: str, spec: dict) -> Path:
     from dus_plugin.plan import layer_list_plan, parse_layers, solar_plan
     from dus_plugin.recipe import build_recipe, render_recipe
     from dus_plugin.upscale import UpscaleOptions, upscale
 
-    cfg = _json.loads((base / "config.json").read_text())
-    p = layer_list_plan(cfg, parse_layers(plan_args[1])) if plan_args[0] == "layers" else solar_plan(cfg, int(plan_args[1]))
+    cfg = json.loads((base / "config.json").read_text())
+    p = layer_list_plan(cfg, parse_layers(spec["layers"])) if "layers" in spec else solar_plan(cfg, spec["drop"])
+    method = spec.get("method", "solar")
     recipe = work / f"{name}.yml"
     recipe.write_text(render_recipe(build_recipe(str(base), p, method=method), p, method=method))
+    shutil.rmtree(work / name, ignore_errors=True)
     upscale(recipe, work / name, UpscaleOptions(quiet=True, forward=False))
     return work / name
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--work", default="/tmp/dus-reproduce")
-    ap.add_argument("--tiny", action="store_true")
-    args = ap.parse_args()
-    s = dict(hidden=256, heads=4, seq=256, micro=64, lr=2e-3, warmup=50, precision="bf16", eval_every=50,
-             val_batches=8, base_steps=1000, extra_steps=300, corpus_bytes=30_000_000, n=32)
-    if args.tiny:
-        s.update(hidden=32, seq=64, micro=4, base_steps=12, extra_steps=6, eval_every=3, val_batches=2,
-                 corpus_bytes=400_000, precision="fp32", warmup=2)
-    out, work = Path(args.out), Path(args.work)
+def pretrain_base(work: str, s: dict) -> dict:
+    work_p = Path(work)
+    t0 = time.perf_counter()
+    init = make_model(work_p / "init32", s["n"], s, work_p / "tokenizer", seed=0)
+    res, curve = train_run(init, work_p / "pretrain", work_p, s["base_steps"], s, s["lr"], s["warmup"],
+                           s["eval_every"])
+    import transformers
+
+    base = Path(res.export_dir)
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(base).parameters())
+    return {"dir": str(base), "tokens": res.tokens, "val_loss": res.val_loss, "curve": curve, "params": params,
+            "heldout_loss": heldout_loss(base, work_p, s["seq"]), "seconds": time.perf_counter() - t0}
+
+
+def run_arm(name: str, spec: dict, work: str, s: dict, base_dir: str | None, seed: int = 0) -> dict:
+    """One arm; ``seed`` orders the continued-pretraining data (and initializes a from-scratch model)."""
+    work_p = Path(work)
+    t0 = time.perf_counter()
+    if "scratch" in spec:
+        model = make_model(work_p / f"init_{name}", spec["scratch"], s, work_p / "tokenizer", seed=1 + seed)
+        steps, lr, warmup, every = s["base_steps"] + s["extra_steps"], s["lr"], s["warmup"], s["eval_every"]
+    else:
+        model = Path(base_dir) if not spec else upscale_arm(Path(base_dir), work_p, name, spec)
+        steps, lr, warmup, every = s["extra_steps"], s["cont_lr"], s["cont_warmup"], s["cont_eval_every"]
+    start = heldout_loss(model, work_p, s["seq"])
+    res, curve = train_run(model, work_p / f"run_{name}_s{seed}", work_p, steps, s, lr, warmup, every, seed)
+    final = Path(res.export_dir)
+    arm = {"layers": json.loads((model / "config.json").read_text())["num_hidden_layers"], "lr": lr,
+           "heldout_loss_start": start, "heldout_loss_end": heldout_loss(final, work_p, s["seq"]),
+           "val_loss_end": res.val_loss, "tokens": res.tokens, "curve": curve,
+           "seconds": time.perf_counter() - t0, "tok_s_shared_gpu": res.tokens_per_second}
+    shutil.rmtree(final, ignore_errors=True)
+    return arm
+
+
+# --- the study --------------------------------------------------------------------------------------
+
+def prepare(work: Path, s: dict, report: dict) -> None:
+    """Corpus, tokenizer and the token cache, once, before any process trains."""
+    from transformers import AutoTokenizer
+
+    from dus_plugin.quickstart import build_tokenizer
+    from dus_plugin.train.config import DataSource
+    from dus_plugin.train.data import tokenize_source
+
+    if "corpus" not in report:
+        t0 = time.perf_counter()
+        report["corpus"] = build_corpus(work / "corpus", s["corpus_bytes"])
+        build_tokenizer(work / "corpus" / "train.txt", vocab=s["vocab"]).save_pretrained(work / "tokenizer")
+        report["corpus"]["seconds"] = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(work / "tokenizer")
+    tokenize_source(DataSource(path=str(work / "corpus" / "train.txt")), tok, work / "token_cache", False)
+
+
+def analyze_base(base: Path, work: Path, seq: int) -> dict:
+    from dus_plugin.analyze import analyze
+
+    a = analyze(base, [(work / "corpus" / "heldout.txt").read_text()[:200_000]], max_length=seq, max_windows=32,
+                progress=False)
+    return {"recommended_m": a.recommended_m, "reason": a.reason, "relative_cost": a.relative_cost,
+            "seam_cost": a.seam_cost, "tokens": a.tokens}
+
+
+def load_state(work: Path, s: dict, fresh: bool) -> dict:
+    state = work / "reproduce.json"
+    if not fresh and state.is_file():
+        report = json.loads(state.read_text())
+        if {k: report["settings"].get(k) for k in PRETRAIN_KEYS} == {k: s[k] for k in PRETRAIN_KEYS}:
+            report["settings"] = s
+            return report
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    return {"settings": s, "arms": {}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out")
+    ap.add_argument("--work", default="/tmp/dus-reproduce")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="start over instead of resuming WORK")
+    ap.add_argument("--jobs", type=int, default=4, help="runs at a time, each its own process")
+    ap.add_argument("--arms", default="all", help="comma-separated arm names (default: every arm)")
+    ap.add_argument("--seed", type=int, default=0, help="data-order seed of the arms (results: arms_seedN)")
+    ap.add_argument("--render", help="reproduce.json to turn into a plot and a Markdown table")
+    ap.add_argument("--png", default="docs/reproduction.png")
+    args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text()), Path(args.png)))
+        return
+    if not args.out:
+        ap.error("--out is required (or --render)")
+    s = dict(SETTINGS, **(TINY if args.tiny else {}))
+    out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
-    report: dict = {"settings": s, "date": dt.date.today().isoformat(), "arms": {}}
+    report = load_state(work, s, args.fresh)
+    specs = arm_specs(s["n"])
+    wanted = list(specs) if args.arms == "all" else args.arms.split(",")
+    if unknown := set(wanted) - set(specs):
+        ap.error(f"unknown arms {sorted(unknown)}; choose from {', '.join(specs)}")
+    key = "arms" if args.seed == 0 else f"arms_seed{args.seed}"
+    results = report.setdefault(key, {})
+    todo = [a for a in wanted if a not in results]
 
     def save() -> None:
-        (out / "reproduce.json").write_text(json.dumps(report, indent=2))
+        text = json.dumps(report, indent=2)
+        (work / "reproduce.json").write_text(text)
+        (out / "reproduce.json").write_text(text)
 
     import torch
 
-    from dus_plugin.quickstart import build_tokenizer
-
     report["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    t0 = time.perf_counter()
-    report["corpus"] = build_corpus(work / "corpus", s["corpus_bytes"])
-    tok = build_tokenizer(work / "corpus" / "train.txt", vocab=2048)
-    heldout = (work / "corpus" / "heldout.txt").read_text()[: 400_000 if not args.tiny else 20_000]
-    report["corpus"]["seconds"] = time.perf_counter() - t0
-    train_txt = work / "corpus" / "train.txt"
+    report["date"] = dt.date.today().isoformat()
+    t_all = time.perf_counter()
+    prepare(work, s, report)
+    save()
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        running = {}
+        if "base" not in report or not Path(report["base"]["dir"]).is_dir():
+            running[pool.submit(pretrain_base, str(work), s)] = "base"
+        for name in [a for a in todo if "scratch" in specs[a]]:  # needs no base: start it now
+            running[pool.submit(run_arm, name, specs[name], str(work), s, None, args.seed)] = name
+            todo.remove(name)
+        if "base" in report and "base" not in running.values():
+            for name in todo:
+                running[pool.submit(run_arm, name, specs[name], str(work), s, report["base"]["dir"], args.seed)] = name
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                name = running.pop(fut)
+                if name == "base":
+                    report["base"] = fut.result()
+                    report["analysis"] = analyze_base(Path(report["base"]["dir"]), work, s["seq"])
+                    for arm in todo:
+                        running[pool.submit(run_arm, arm, specs[arm], str(work), s, report["base"]["dir"], args.seed)] = arm
+                else:
+                    results[name] = fut.result()
+                save()
+                print(name, f"{time.perf_counter() - t_all:.0f}s", flush=True)
+    report["wall_seconds_this_call"] = time.perf_counter() - t_all
     save()
 
-    init = make_model(work / "init32", s["n"], s, tok, seed=0)
-    base_res, base_curve, secs = train_run(init, work / "pretrain", train_txt, s["base_steps"], s)
-    base = Path(base_res.export_dir)
-    tokens_per_step = s["micro"] * s["seq"]
-    report["base"] = {"tokens": base_res.tokens, "val_loss": base_res.val_loss, "curve": base_curve, "seconds": secs,
-                      "params": sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM
-                                    .from_pretrained(base).parameters()),
-                      "heldout_loss": heldout_loss(base, heldout, s["seq"])}
-    save()
-    arms = [("a_base_continued", None), ("b_dus_m8", ("drop", s["n"] // 4)), ("c_identity_m8", ("drop", s["n"] // 4)),
-            ("d_dus_m4", ("drop", s["n"] // 8)), ("d_dus_m12", ("drop", 3 * s["n"] // 8)),
-            ("f_repeat_all", ("layers", f"0:{s['n']},0:{s['n']}")), ("e_scratch48", "scratch")]
-    for name, how in arms:
-        t0 = time.perf_counter()
-        if how is None:
-            model, steps = base, s["extra_steps"]
-        elif how == "scratch":
-            model, steps = make_model(work / "init48", 48 if not args.tiny else 6, s, tok, seed=1), \
-                s["base_steps"] + s["extra_steps"]
-        else:
-            model = upscale_arm(base, work, name, list(how), method="identity" if name.startswith("c_") else "solar")
-            steps = s["extra_steps"]
-        start_loss = heldout_loss(model, heldout, s["seq"])
-        res, curve, secs = train_run(model, work / f"run_{name}", train_txt, steps, s)
-        final = Path(res.export_dir)
-        report["arms"][name] = {
-            "layers": __import__("json").loads((model / "config.json").read_text())["num_hidden_layers"],
-            "heldout_loss_start": start_loss, "heldout_loss_end": heldout_loss(final, heldout, s["seq"]),
-            "val_loss_end": res.val_loss, "tokens": res.tokens, "curve": curve, "seconds": time.perf_counter() - t0,
-            "tok_s": res.tokens_per_second}
-        shutil.rmtree(work / f"run_{name}" / "final", ignore_errors=True)
-        save()
-        print(name, json.dumps({k: v for k, v in report["arms"][name].items() if k != "curve"}), flush=True)
-    report["total_seconds"] = time.perf_counter() - t0
-    save()
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def first_at_or_below(curve: list, target: float) -> int | None:
+    return next((t for t, v in curve if v <= target), None)
+
+
+def summarize(report: dict) -> dict[str, dict]:
+    """Per arm: loss at the start, tokens back to the base's loss, tokens to catch up with arm (a), final."""
+    base_val = report["base"]["val_loss"]
+    a = dict(report["arms"].get("a_base_continued", {}).get("curve", []))
+    rows = {}
+    order = list(arm_specs(report["settings"]["n"]))
+    for name, arm in sorted(report["arms"].items(), key=lambda kv: order.index(kv[0])):
+        curve = arm["curve"]
+        catch = None if "scratch" in name or not a else next(
+            (t for t, v in curve if t > 0 and t in a and v <= a[t]), None)
+        rows[name] = {"layers": arm["layers"], "val_start": curve[0][1] if curve and curve[0][0] == 0 else None,
+                      "heldout_start": arm["heldout_loss_start"], "heldout_end": arm["heldout_loss_end"],
+                      "val_end": arm["val_loss_end"], "tokens": arm["tokens"],
+                      "tokens_to_base": first_at_or_below(curve, base_val), "tokens_to_catch_a": catch}
+    return rows
+
+
+def _m(tokens: int | None) -> str:
+    return "never" if tokens is None else f"{tokens / 1e6:.2f}M"
+
+
+def seed_runs(report: dict) -> dict[int, dict]:
+    """seed -> that seed's arms (seed 0 is ``arms``; ``--seed N`` writes ``arms_seedN``)."""
+    runs = {0: report["arms"]}
+    runs.update({int(k.removeprefix("arms_seed")): v for k, v in report.items() if k.startswith("arms_seed")})
+    return dict(sorted(runs.items()))
+
+
+def seed_table(report: dict) -> str:
+    """Final held-out loss per seed, and each arm minus arm (a) within a seed (the paired difference)."""
+    import statistics
+
+    runs = seed_runs(report)
+    names = [n for n in arm_specs(report["settings"]["n"]) if all(n in r for r in runs.values())]
+    lines = [f"| arm | {' | '.join(f'seed {k}' for k in runs)} | mean | minus (a), mean ± sd over seeds |",
+             "|---|" + "---|" * (len(runs) + 2)]
+    for n in names:
+        ends = [r[n]["heldout_loss_end"] for r in runs.values()]
+        diffs = [r[n]["heldout_loss_end"] - r["a_base_continued"]["heldout_loss_end"] for r in runs.values()]
+        sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        lines.append(f"| {n} | {' | '.join(f'{v:.4f}' for v in ends)} | {statistics.mean(ends):.4f} | "
+                     + ("—" if n.startswith("a_") else f"{statistics.mean(diffs):+.4f} ± {sd:.4f}") + " |")
+    return "\n".join(lines)
+
+
+def render(report: dict, png: Path) -> str:
+    rows = summarize(report)
+    lines = ["| arm | layers | val. loss at 0 tokens | held-out loss at start | tokens until val. ≤ base "
+             f"({report['base']['val_loss']:.3f}) | tokens until ≤ arm (a) | val. loss at end | held-out loss at end |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        start = "—" if r["val_start"] is None else f"{r['val_start']:.3f}"
+        lines.append(f"| {name} | {r['layers']} | {start} | {r['heldout_start']:.3f} | {_m(r['tokens_to_base'])} | "
+                     f"{'—' if 'scratch' in name or name.startswith('a_') else _m(r['tokens_to_catch_a'])} | "
+                     f"{r['val_end']:.3f} | {r['heldout_end']:.3f} |")
+    plot(report, png)
+    return "\n".join(lines) + "\n\n" + seed_table(report)
+
+
+def plot(report: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = report["base"]
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.8), dpi=120)
+    for name, arm in report["arms"].items():
+        if "scratch" in name:
+            continue
+        ax.plot([t / 1e6 for t, _ in arm["curve"]], [v for _, v in arm["curve"]], "o-", ms=2.5, lw=1.2,
+                label=f"{name} ({arm['layers']} layers)")
+    ax.axhline(base["val_loss"], color="gray", ls="--", lw=1, label="base after pretraining")
+    ax.set_xlabel("extra tokens T (millions)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"Continued pretraining from one 32-layer base (peak LR {report['settings']['cont_lr']:g})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    bt = [t / 1e6 for t, _ in base["curve"]]
+    ax2.plot(bt, [v for _, v in base["curve"]], "-", color="gray", label="32-layer base pretraining")
+    end = base["tokens"] / 1e6
+    for name in ("a_base_continued", "b_dus_m8"):
+        if name in report["arms"]:
+            c = report["arms"][name]["curve"]
+            ax2.plot([end + t / 1e6 for t, _ in c], [v for _, v in c], "-", label=f"then {name}")
+    if e := report["arms"].get("e_scratch48"):
+        ax2.plot([t / 1e6 for t, _ in e["curve"]], [v for _, v in e["curve"]], "-", label="48 layers from scratch")
+    ax2.set_ylim(top=min(4.0, ax2.get_ylim()[1]))
+    ax2.set_xlabel("total tokens (millions)")
+    ax2.set_title("Same total tokens: DUS vs a deeper model from scratch")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    runs = seed_runs(report)
+    names = [n for n in arm_specs(report["settings"]["n"]) if "scratch" not in n and all(n in r for r in runs.values())]
+    for k, r in runs.items():
+        ax3.plot(range(len(names)), [r[n]["heldout_loss_end"] for n in names], "o", label=f"seed {k}", alpha=0.8)
+    ax3.set_xticks(range(len(names)), [n.split("_", 1)[1] for n in names], rotation=20)
+    ax3.set_ylabel("held-out loss after T")
+    ax3.set_title("Final held-out loss, every seed")
+    ax3.grid(alpha=0.3)
+    ax3.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

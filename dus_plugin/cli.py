@@ -266,7 +266,9 @@ def analyze(base: Path, texts: tuple[Path, ...], max_length: int, windows: int, 
     heatmap(a, output)
     atomic_write_text(output.with_suffix(".json"), json.dumps(a.to_dict(), indent=2))
     click.echo(f"n = {a.n}; recommended overlap m = {a.recommended_m}: {a.reason}")
-    click.echo("seam cost by m: " + ", ".join(f"{m}: {c:.3f}" for m, c in sorted(a.seam_cost.items())))
+    click.echo("relative seam cost by m: " + ", ".join(f"{m}: {c:.3f}" for m, c in sorted(a.relative_cost.items())))
+    for note in a.notes:
+        click.echo(f"note: {note}")
     click.echo(f"wrote {output} and {output.with_suffix('.json')}", err=True)
 
 

@@ -50,5 +50,7 @@ def test_dus_analyze_on_a_tiny_model(tiny_models, tmp_path):
     assert all(0 <= v <= 1 for row in data["distances"] for v in row if v is not None)
     assert 1 <= data["recommended_m"] < n / 2 and f"m = {data['recommended_m']}" in r.output
     assert out.read_bytes()[:4] == b"\x89PNG"
+    assert "note: the relative seam cost predicts the loss right after upscaling" in r.output
+    assert data["notes"] and "reproduction.md" in data["notes"][0]
     m = data["recommended_m"]
     assert math.isclose(data["seam_cost"][str(m)], data["distances"][m][n - 2 * m - 1])

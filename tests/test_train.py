@@ -309,3 +309,26 @@ def test_training_an_export_of_a_plain_base_again(tmp_path, tiny_llama):
                                                 seam=plain)), quiet=True)
     stages = json.loads((Path(again.export_dir) / "dus_manifest.json").read_text())["stages"]
     assert [s["stage"] for s in stages] == ["train", "train"]
+
+
+def test_eval_on_start_measures_the_seam_before_any_update(tmp_path, tiny_llama, tiny_dus):
+    """Step 0's validation loss: an identity upscale scores exactly the base; a SOLAR upscale does not."""
+    from click.testing import CliRunner
+
+    from dus_plugin.cli import main
+
+    CliRunner().invoke(main, ["plan", str(tiny_llama), "--drop", "2", "--method", "identity",
+                              "-o", str(tmp_path / "id.yml")])
+    upscale(tmp_path / "id.yml", tmp_path / "identity", UpscaleOptions(quiet=True, forward=False))
+    plain = {"focus": "none", "seam_lr_multiplier": 1.0}
+    start = {}
+    for name, model in [("base", tiny_llama), ("identity", tmp_path / "identity"), ("solar", tiny_dus)]:
+        cfg = load_train_config(make_config(tmp_path / name, model, max_steps=2, save_every=0, export=False,
+                                            precision="fp32", eval_on_start=True, seam=plain))
+        train(cfg, quiet=True)
+        rows = [json.loads(x) for x in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["step"] == 0 and rows[0]["tokens"] == 0 and "loss" not in rows[0]
+        assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+        start[name] = rows[0]["val_loss"]
+    assert start["identity"] == pytest.approx(start["base"], abs=1e-5)
+    assert abs(start["solar"] - start["base"]) > 1e-3

@@ -127,6 +127,8 @@ class TrainConfig(Strict):
     """Checkpoint at the last step too (what --resume continues from after the run ends)."""
     eval_every: int = Field(0, ge=0)
     """Validation loss every N steps (0: only at the end)."""
+    eval_on_start: bool = False
+    """Also measure validation loss before the first step (logged at step 0): the seam's cost, on the same rows."""
     val_batches: int = Field(8, gt=0)
     seam: SeamConfig = SeamConfig()
     eval: EvalHookConfig = EvalHookConfig()

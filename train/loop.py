@@ -131,6 +131,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     bar = tqdm(total=total, initial=start, desc="Training", unit="step",
                disable=not accelerator.is_main_process or quiet)
     last_loss = last_val = None
+    if cfg.eval_on_start and start == 0:
+        last_val = validation_loss(cfg, model, data, accelerator)
+        metrics.log({"step": 0, "tokens": 0, "val_loss": last_val})
     phase_losses: dict[str, list[float]] = {}
     t_log, tok_log, rate = time.perf_counter(), 0, None
     model.train()

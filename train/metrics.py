@@ -20,8 +20,8 @@ class MetricsLog:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop rows a resumed run will write again
-            rows = [r for r in self.rows() if r.get("step", 0) <= resume_step]
+        if self.path.exists():  # drop rows the run will write again (all of them on a fresh start)
+            rows = [r for r in self.rows() if resume_step and r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         if tensorboard:
             try:
