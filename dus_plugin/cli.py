@@ -275,14 +275,18 @@ def analyze(base: Path, texts: tuple[Path, ...], max_length: int, windows: int, 
 @main.command("run")
 @click.argument("recipe", required=False, type=click.Path(path_type=Path))
 @click.option("--push", "do_push", is_flag=True, help="Also push the trained folder (push.repo_id in the recipe).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field, dotted, value as YAML (repeatable): --set train.max_steps=20")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars (stage lines stay).")
 @_handle_errors
-def run_(recipe: Path | None, do_push: bool, quiet: bool) -> None:
+def run_(recipe: Path | None, do_push: bool, sets: tuple[str, ...], quiet: bool) -> None:
     """Plan, upscale, evaluate, train, evaluate, card (and push): the whole recipe, resumable.
-    Without RECIPE: configs/quickstart.yml, a 32-layer base shipped with the package."""
-    from dus_plugin.pipeline import default_recipe, run
+    Without RECIPE: the quickstart recipe shipped with the package (configs/quickstart.yml), on a
+    32-layer base that ships with it too."""
+    from dus_plugin.pipeline import default_recipe, parse_overrides, run
 
-    table = run(recipe or default_recipe(), push=do_push, quiet=quiet, echo=click.echo)
+    table = run(recipe or default_recipe(), push=do_push, quiet=quiet, echo=click.echo,
+                overrides=parse_overrides(sets))
     click.echo("\n" + table)
 
 

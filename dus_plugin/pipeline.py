@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -76,21 +76,53 @@ def _resolve_pkg(value: Any) -> Any:
 
 
 def default_recipe() -> Path:
-    for candidate in (Path("configs/quickstart.yml"), PKG.parent / "configs" / "quickstart.yml"):
-        if candidate.is_file():
-            return candidate
-    raise RecipeError("no configs/quickstart.yml here; run from the dus-plugin repository or pass a recipe")
+    """The quickstart recipe shipped inside the package (configs/quickstart.yml links to it)."""
+    return PKG / "quickstart_data" / "quickstart.yml"
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["train.max_steps=20", "output_dir=out/x"]`` -> nested dict; values are read as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise RecipeError(f"--set {item!r} is not KEY=VALUE; write a dotted key, e.g. --set train.max_steps=20")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML; quote it") from None
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r} conflicts with another --set of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge(data[key], value)
+        else:
+            data[key] = value
+    return data
 
 
 def load_run_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> RunRecipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"run recipe {path} does not exist; start from configs/quickstart.yml")
-    data = _resolve_pkg(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    for key, value in (overrides or {}).items():
-        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
     try:
-        return RunRecipe.model_validate(data)
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise RecipeError(f"{path} is not valid YAML; fix the syntax (start from configs/quickstart.yml)") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path} must be a YAML mapping of recipe fields (see configs/quickstart.yml)")
+    data = _merge(data, overrides or {})
+    try:
+        return RunRecipe.model_validate(_resolve_pkg(data))
     except ValidationError as e:
         raise RecipeError(first_error(e, str(path))) from None
 

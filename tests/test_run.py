@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -20,12 +21,12 @@ def test_quickstart_assets_ship_with_the_package():
     assert size < 8 * 2**20  # "a few MB in total"
 
 
-def test_dus_run_chains_every_stage_and_resumes(tmp_path):
-    recipe = yaml.safe_load((REPO / "configs" / "quickstart.yml").read_text())
-    recipe["output_dir"] = str(tmp_path / "qs")
-    recipe["train"].update(max_steps=4, eval_every=2, save_every=2, log_every=1)
-    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
-    r = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), "-q"], catch_exceptions=False)
+def test_dus_run_without_a_recipe_chains_every_stage_and_resumes(tmp_path, monkeypatch):
+    """`dus run` with no argument (the README's command), shortened with --set, from any directory."""
+    monkeypatch.chdir(tmp_path)
+    short = ["--set", f"output_dir={tmp_path / 'qs'}", "--set", "train.max_steps=4", "--set", "train.eval_every=2",
+             "--set", "train.save_every=2", "--set", "train.log_every=1"]
+    r = CliRunner().invoke(main, ["run", "-q", *short], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "[7/7] model card: done" in r.output
     assert "| metric | base | upscaled | trained |" in r.output
@@ -36,5 +37,23 @@ def test_dus_run_chains_every_stage_and_resumes(tmp_path):
     assert trained["stage"] == "trained" and trained["step"] == 4
     card = (out / "train" / "final" / "README.md").read_text()
     assert "base_model_relation: finetune" in card and "| metric | base | upscaled | trained |" in card
-    again = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), "-q"], catch_exceptions=False)
+    again = CliRunner().invoke(main, ["run", "-q", *short], catch_exceptions=False)
     assert again.exit_code == 0 and again.output.count("already complete, skipped") == 6
+
+
+def test_quickstart_recipe_ships_inside_the_package():
+    assert (REPO / "configs" / "quickstart.yml").resolve() == (PKG / "quickstart_data" / "quickstart.yml").resolve()
+    assert yaml.safe_load((PKG / "quickstart_data" / "quickstart.yml").read_text())["upscale"]["drop"] == 8
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["train.max_stepz=3"], "max_stepz"),
+    (["upscale.drop=many"], "upscale.drop"),
+    (["train"], "is not KEY=VALUE"),
+    (["train..x=1"], "is not KEY=VALUE"),
+])
+def test_dus_run_set_errors_are_one_line(tmp_path, sets, message):
+    args = ["run", "-q"] + [x for s in sets for x in ("--set", s)] + ["--set", f"output_dir={tmp_path / 'o'}"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
