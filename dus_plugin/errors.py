@@ -30,3 +30,7 @@ class UpscaleError(DusError, RuntimeError):
 
 class VerifyError(DusError, RuntimeError):
     """An upscaled folder does not match its plan; the message names the first mismatch."""
+
+
+class TrainingLaunchError(DusError, RuntimeError):
+    """`accelerate launch` of the training stage failed; its own output says why."""

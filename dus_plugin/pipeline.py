@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dus_plugin.errors import RecipeError
+from dus_plugin.errors import RecipeError, TrainingLaunchError
 from dus_plugin.validation import first_error
 
 LOG = logging.getLogger(__name__)
@@ -50,6 +50,17 @@ class PushSpec(Strict):
     revision: Optional[str] = None
 
 
+class LaunchSpec(Strict):
+    """Run the training stage under `accelerate launch` (several GPUs, FSDP, DeepSpeed) instead of in-process."""
+
+    config_file: Optional[str] = None
+    """An accelerate config, e.g. pkg:train/fsdp.yaml (also: ddp.yaml, deepspeed_zero3.yaml)."""
+    num_processes: Optional[int] = Field(None, gt=0)
+    """Processes (GPUs) to start; default: the config file's."""
+    args: list[str] = []
+    """Further `accelerate launch` flags, e.g. [--main_process_port, "29501"]."""
+
+
 class RunRecipe(Strict):
     name: str = "dus-run"
     base: str
@@ -60,14 +71,26 @@ class RunRecipe(Strict):
     upscale: UpscaleSpec = UpscaleSpec()
     eval: EvalSpec
     train: dict[str, Any]
-    """A training config (see configs/cpt_tiny.yml) without model and output_dir, which the run fills."""
+    """A training config (see configs/cpt_tiny.yml), inline or as the path of its YAML file (relative to the
+    recipe). The run sets its model and output_dir."""
+    launch: Optional[LaunchSpec] = None
     push: PushSpec = PushSpec()
+
+
+def package_path(relative: str) -> Path:
+    """A file shipped in dus_plugin; train/ and eval/ are subpackages that live outside its folder in a checkout."""
+    head, _, rest = relative.partition("/")
+    if head in ("train", "eval") and rest:
+        import importlib
+
+        return Path(importlib.import_module(f"dus_plugin.{head}").__file__).parent / rest
+    return PKG / relative
 
 
 def _resolve_pkg(value: Any) -> Any:
     """'pkg:quickstart_data/x' -> the file inside the installed dus_plugin package."""
     if isinstance(value, str) and value.startswith("pkg:"):
-        return str(PKG / value[4:])
+        return str(package_path(value[4:]))
     if isinstance(value, dict):
         return {k: _resolve_pkg(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -120,11 +143,53 @@ def load_run_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise RecipeError(f"{path} is not valid YAML; fix the syntax (start from configs/quickstart.yml)") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path} must be a YAML mapping of recipe fields (see configs/quickstart.yml)")
+    if isinstance(data.get("train"), str):
+        data["train"] = _train_file(path, data["train"])
     data = _merge(data, overrides or {})
     try:
-        return RunRecipe.model_validate(_resolve_pkg(data))
+        r = RunRecipe.model_validate(_resolve_pkg(data))
     except ValidationError as e:
         raise RecipeError(first_error(e, str(path))) from None
+    if r.launch and r.launch.config_file and not Path(r.launch.config_file).is_file():
+        raise RecipeError(f"{path}: field launch.config_file: {r.launch.config_file} does not exist; name an accelerate "
+                          "config such as pkg:train/fsdp.yaml")
+    return r
+
+
+def _train_file(recipe: Path, name: str) -> dict[str, Any]:
+    file = Path(_resolve_pkg(name)) if name.startswith("pkg:") else recipe.parent / name
+    if not file.is_file():
+        raise RecipeError(f"{recipe}: field train: {file} does not exist; give a training YAML beside the recipe "
+                          "or the training fields inline")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise RecipeError(f"{recipe}: field train: {file} is not valid YAML; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{recipe}: field train: {file} must be a YAML mapping of training fields")
+    return data
+
+
+def train_config(r: RunRecipe, where: str):
+    """The training stage's config: the recipe's train fields, with model and output_dir set by the run."""
+    from dus_plugin.train.config import TrainConfig
+
+    out = Path(r.output_dir)
+    try:
+        cfg = TrainConfig.model_validate({**r.train, "model": str(out / "upscaled"), "output_dir": str(out / "train")})
+    except ValidationError as e:
+        raise RecipeError(first_error(e, f"{where} (train)")) from None
+    if r.launch:  # checked now, not after the stages before training
+        cfg.grad_accum(launch_processes(r.launch))
+    return cfg
+
+
+def launch_processes(launch: LaunchSpec) -> int:
+    if launch.num_processes:
+        return launch.num_processes
+    if launch.config_file:
+        return int((yaml.safe_load(Path(launch.config_file).read_text()) or {}).get("num_processes") or 1)
+    return 1
 
 
 class Stages:
@@ -150,7 +215,6 @@ def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: 
     """Run every stage; return the before/after table (also written to OUTPUT_DIR/summary.md)."""
     from dus_plugin.card import write_card
     from dus_plugin.eval.results import compare_table, load_result
-    from dus_plugin.train.config import TrainConfig
     from dus_plugin.upscale import UpscaleOptions, upscale
 
     r = load_run_recipe(recipe_path, overrides)
@@ -158,10 +222,7 @@ def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: 
     up, final = out / "upscaled", out / "train" / "final"
     results = {"base": out / "eval" / "base.json", "upscaled": up / "eval" / "upscaled.json",
                "trained": final / "eval" / "trained.json"}
-    try:
-        train_cfg = TrainConfig.model_validate({**r.train, "model": str(up), "output_dir": str(out / "train")})
-    except ValidationError as e:
-        raise RecipeError(first_error(e, f"{recipe_path} (train)")) from None
+    train_cfg = train_config(r, str(recipe_path))
     stages = Stages(8 if push else 7, echo)
     stages.run("plan", (out / "recipe.yml").is_file(), lambda: _plan(r, out / "recipe.yml"))
     stages.run("upscale + verify", (up / "dus_manifest.json").is_file(),
@@ -169,7 +230,7 @@ def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: 
     stages.run("eval base", results["base"].is_file(), lambda: _eval(r, _base_dir(r), results["base"], "base", quiet))
     stages.run("eval upscaled (before training)", results["upscaled"].is_file(),
                lambda: _eval(r, up, results["upscaled"], "upscaled", quiet))
-    stages.run("continued pretraining", (final / "dus_manifest.json").is_file(), lambda: _train(train_cfg, quiet))
+    stages.run("continued pretraining", (final / "dus_manifest.json").is_file(), lambda: _train(train_cfg, r.launch, out, quiet))
     stages.run("eval trained", results["trained"].is_file(), lambda: _eval(r, final, results["trained"], "trained", quiet))
     stages.run("model card", False, lambda: write_card(final, base_model=r.base_model_id,
                                                          results=[results["base"], results["upscaled"]]))
@@ -216,7 +277,28 @@ def _eval(r: RunRecipe, model: Path, path: Path, label: str, quiet: bool) -> Non
                          progress=not quiet), path)
 
 
-def _train(cfg, quiet: bool) -> None:
-    from dus_plugin.train.loop import train
+def _train(cfg, launch: LaunchSpec | None, out: Path, quiet: bool) -> None:
+    """In-process on one device, or `accelerate launch` of `python -m dus_plugin.train` (resuming either way)."""
+    if launch is None:
+        from dus_plugin.train.loop import train
 
-    train(cfg, resume=True, quiet=quiet)  # continues from a checkpoint if an earlier run stopped
+        train(cfg, resume=True, quiet=quiet)  # continues from a checkpoint if an earlier run stopped
+        return
+    import subprocess
+    import sys
+
+    from dus_plugin.io import atomic_write_text
+
+    config = out / "train_config.yml"
+    atomic_write_text(config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    command = [sys.executable, "-m", "dus_plugin.train.launch"]
+    if launch.config_file:
+        command += ["--config_file", launch.config_file]
+    if launch.num_processes:
+        command += ["--num_processes", str(launch.num_processes)]
+    command += [*launch.args, "-m", "dus_plugin.train", str(config), "--resume"] + (["-q"] if quiet else [])
+    LOG.info("launching: %s", " ".join(command))
+    code = subprocess.call(command)
+    if code != 0:
+        raise TrainingLaunchError(f"accelerate launch exited with status {code} in the training stage (its output is "
+                                  f"above); fix the cause and run again: training resumes from its last checkpoint")

@@ -1,6 +1,8 @@
 """`dus run`: the whole chain on the shipped quickstart base, shortened; re-running skips every stage."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -51,9 +53,49 @@ def test_quickstart_recipe_ships_inside_the_package():
     (["upscale.drop=many"], "upscale.drop"),
     (["train"], "is not KEY=VALUE"),
     (["train..x=1"], "is not KEY=VALUE"),
+    (["launch.config_file=nope.yaml"], "field launch.config_file: nope.yaml does not exist"),
 ])
 def test_dus_run_set_errors_are_one_line(tmp_path, sets, message):
     args = ["run", "-q"] + [x for s in sets for x in ("--set", s)] + ["--set", f"output_dir={tmp_path / 'o'}"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_the_papers_run_recipe_validates_with_its_training_file():
+    from dus_plugin.pipeline import load_run_recipe, package_path, train_config
+
+    r = load_run_recipe(REPO / "configs" / "recipe_solar.yml", {"launch": {"num_processes": 4}})
+    cfg = train_config(r, "recipe_solar.yml")
+    assert r.upscale.drop == 8 and r.base == "mistralai/Mistral-7B-v0.1"
+    assert cfg.data.seq_len == 4096 and cfg.model == "out/solar-dus-run/upscaled"  # from cpt_solar.yml, then the run's
+    assert r.launch.num_processes == 4 and r.launch.config_file == str(package_path("train/fsdp.yaml"))
+    assert yaml.safe_load(Path(r.launch.config_file).read_text())["distributed_type"] == "FSDP"
+
+
+def test_dus_run_trains_under_a_two_process_accelerate_launch(tmp_path, monkeypatch, capfd):
+    """The training stage as a real `accelerate launch` (2 CPU ranks, gloo); the rest of the run in-process."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    recipe = yaml.safe_load((REPO / "configs" / "quickstart.yml").read_text())
+    recipe.update(output_dir=str(tmp_path / "qs"), launch={
+        "num_processes": 2, "args": ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
+                                     "--dynamo_backend", "no"]})
+    recipe["train"].update(max_steps=4, global_batch_size=16, micro_batch_size=8, eval_every=2, log_every=1)
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    capfd.readouterr()
+    # fails inside the training processes: one line from the process, one from the launcher, no traceback
+    bad = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), "-q", "--set", "train.data.seq_len=100000000"])
+    assert bad.exit_code == 1 and "accelerate launch exited with status 1" in bad.output, bad.output
+    err = capfd.readouterr().err
+    assert err.count("less than one training sequence") == 1 and "Traceback" not in err, err
+    assert re.search(r"error: training process \d exited with status 1", err), err
+    assert not (tmp_path / "qs" / "train" / "final").exists()
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("already complete, skipped") == 4  # plan, upscale, both evals: only training reruns
+    summary = json.loads((tmp_path / "qs" / "train" / "train_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["distributed_type"] == "MULTI_CPU" and summary["steps"] == 4
+    assert (tmp_path / "qs" / "train" / "final" / "eval" / "trained.json").is_file()
+
+

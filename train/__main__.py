@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from dus_plugin.errors import DusError
@@ -20,14 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from dus_plugin.train.config import load_train_config
+    from dus_plugin.train.config import TrainConfigError, load_train_config
     from dus_plugin.train.loop import train
 
     try:
         result = train(load_train_config(args.config), resume=args.resume, quiet=args.quiet,
                        stop_after=args.stop_after)
     except DusError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not (isinstance(e, TrainConfigError) and int(os.environ.get("RANK", "0")) > 0):  # the same on every rank
+            print(f"error: {e}", file=sys.stderr)
         return 1
     print(result.summary())
     return 0

@@ -108,9 +108,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     world, rank = accelerator.num_processes, accelerator.process_index
     accum, total = cfg.grad_accum(world), cfg.total_steps()
     model, tokenizer = _load_model(cfg, accelerator)
+    failed = None
     with accelerator.main_process_first():
-        data = PackedData(cfg.data, tokenizer, Path(cfg.data.cache_dir or out / "token_cache"), cfg.seed,
-                          total * cfg.global_batch_size, show_progress=accelerator.is_main_process and not quiet)
+        try:
+            data = PackedData(cfg.data, tokenizer, Path(cfg.data.cache_dir or out / "token_cache"), cfg.seed,
+                              total * cfg.global_batch_size, show_progress=accelerator.is_main_process and not quiet)
+        except DusError as e:  # leave through the barrier, or the other ranks die waiting at it
+            failed = e
+    if failed is not None:
+        raise failed
     opt, sched = _optimizer(cfg, model, accelerator)
     if cfg.compile:
         model = torch.compile(model)
