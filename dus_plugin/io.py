@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""File helpers: atomic writes (a reader never sees a half-written file), YAML mappings read with one-line errors."""
 
 from __future__ import annotations
 
@@ -27,3 +27,26 @@ def parse_size(value: str | int) -> int:
         return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
     except ValueError:
         raise RecipeError(f"--shard-size {value!r} is not a size; write a number with K, M or B, e.g. 5B") from None
+
+
+def read_yaml_mapping(path: str | Path, error: type[Exception], what: str, hint: str) -> dict:
+    """The YAML mapping in ``path`` (empty file: {}); ``error`` with one line when missing, malformed or not a mapping.
+
+    ``what`` names the file in messages ("training config"), ``hint`` says where to start when it is missing.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist; {hint}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise error(f"{what} {path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}; "
+                    "fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must be a YAML mapping of fields, not a {type(data).__name__}")
+    return data

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dus_plugin.errors import RecipeError, TrainingLaunchError
+from dus_plugin.io import read_yaml_mapping
 from dus_plugin.validation import first_error
 
 LOG = logging.getLogger(__name__)
@@ -135,14 +136,7 @@ def _merge(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def load_run_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> RunRecipe:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"run recipe {path} does not exist; start from configs/quickstart.yml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise RecipeError(f"{path} is not valid YAML; fix the syntax (start from configs/quickstart.yml)") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path} must be a YAML mapping of recipe fields (see configs/quickstart.yml)")
+    data = read_yaml_mapping(path, RecipeError, "run recipe", "start from configs/quickstart.yml")
     if isinstance(data.get("train"), str):
         data["train"] = _train_file(path, data["train"])
     data = _merge(data, overrides or {})
@@ -158,16 +152,8 @@ def load_run_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 def _train_file(recipe: Path, name: str) -> dict[str, Any]:
     file = Path(_resolve_pkg(name)) if name.startswith("pkg:") else recipe.parent / name
-    if not file.is_file():
-        raise RecipeError(f"{recipe}: field train: {file} does not exist; give a training YAML beside the recipe "
-                          "or the training fields inline")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise RecipeError(f"{recipe}: field train: {file} is not valid YAML; fix the syntax") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{recipe}: field train: {file} must be a YAML mapping of training fields")
-    return data
+    return read_yaml_mapping(file, RecipeError, f"{recipe}: field train: training config",
+                             "give a training YAML beside the recipe or the training fields inline")
 
 
 def train_config(r: RunRecipe, where: str):
@@ -188,7 +174,8 @@ def launch_processes(launch: LaunchSpec) -> int:
     if launch.num_processes:
         return launch.num_processes
     if launch.config_file:
-        return int((yaml.safe_load(Path(launch.config_file).read_text()) or {}).get("num_processes") or 1)
+        config = read_yaml_mapping(launch.config_file, RecipeError, "launch.config_file", "name an accelerate config")
+        return int(config.get("num_processes") or 1)
     return 1
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel as Model
 from pydantic import ConfigDict, ValidationError, field_validator
 
 from dus_plugin.errors import RecipeError
+from dus_plugin.io import read_yaml_mapping
 from dus_plugin.plan import DusPlan, Slice, human_count
 from dus_plugin.validation import first_error
 
@@ -118,14 +119,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist; write one with `dus plan BASE -o {path.name}`")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path} is not valid YAML{line}; fix the syntax") from None
+    data = read_yaml_mapping(path, RecipeError, "recipe", f"write one with `dus plan BASE -o {path.name}`")
     return parse_recipe(data, where=str(path))
 
 

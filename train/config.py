@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dus_plugin.errors import DusError
+from dus_plugin.io import read_yaml_mapping
 from dus_plugin.validation import first_error
 
 
@@ -162,12 +162,7 @@ class TrainConfig(Strict):
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
-    if not path.is_file():
-        raise TrainConfigError(f"training config {path} does not exist; start from configs/cpt_tiny.yml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
-        raise TrainConfigError(f"{path} is not valid YAML; fix the syntax") from None
+    data = read_yaml_mapping(path, TrainConfigError, "training config", "start from configs/cpt_tiny.yml")
     if overrides:
         data.update(overrides)
     try:
