@@ -113,7 +113,8 @@ def build_card(folder: str | Path, base_model: str | None = None, license: str |
     stage = "trained" if train else "upscaled"
     base_id = base_model or manifest["base"].get("hub_id")
     if base_id is None:
-        LOG.warning("base %s is a local folder: pass --base-model HUB_ID so the card links the base", manifest["base"]["ref"])
+        LOG.warning("base %s is a local folder, so the card cannot link it: pass --base-model HUB_ID to dus card, "
+                    "or set base_model_id in a dus run recipe", manifest["base"]["ref"])
     plan = manifest["plan"]
     title = title or f"{(base_id or manifest['base']['ref']).split('/')[-1]} DUS {plan['s']} layers"
     all_results = _results(folder, list(results))
