@@ -6,11 +6,11 @@ Upscale writes it; training appends what it did; eval and the card read it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from dus_plugin.errors import VerifyError
+from dus_plugin.io import atomic_write_text
 
 MANIFEST = "dus_manifest.json"
 FORMAT = 1
@@ -35,8 +35,4 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def write_manifest(folder: str | Path, data: dict[str, Any]) -> Path:
     """Write atomically: a reader never sees half a manifest."""
-    path = manifest_path(folder)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(manifest_path(folder), json.dumps(data, indent=2, sort_keys=False) + "\n")

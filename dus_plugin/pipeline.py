@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dus_plugin.errors import RecipeError, TrainingLaunchError
-from dus_plugin.io import read_yaml_mapping
+from dus_plugin.io import atomic_write_text, read_yaml_mapping
 from dus_plugin.validation import first_error
 
 LOG = logging.getLogger(__name__)
@@ -144,14 +144,11 @@ def load_run_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -
         r = RunRecipe.model_validate(_resolve_pkg(data))
     except ValidationError as e:
         raise RecipeError(first_error(e, str(path))) from None
-    if r.launch and r.launch.config_file and not Path(r.launch.config_file).is_file():
-        raise RecipeError(f"{path}: field launch.config_file: {r.launch.config_file} does not exist; name an accelerate "
-                          "config such as pkg:train/fsdp.yaml")
     return r
 
 
 def _train_file(recipe: Path, name: str) -> dict[str, Any]:
-    file = Path(_resolve_pkg(name)) if name.startswith("pkg:") else recipe.parent / name
+    file = package_path(name[4:]) if name.startswith("pkg:") else recipe.parent / name
     return read_yaml_mapping(file, RecipeError, f"{recipe}: field train: training config",
                              "give a training YAML beside the recipe or the training fields inline")
 
@@ -166,17 +163,16 @@ def train_config(r: RunRecipe, where: str):
     except ValidationError as e:
         raise RecipeError(first_error(e, f"{where} (train)")) from None
     if r.launch:  # checked now, not after the stages before training
-        cfg.grad_accum(launch_processes(r.launch))
+        cfg.grad_accum(launch_processes(r.launch, where))
     return cfg
 
 
-def launch_processes(launch: LaunchSpec) -> int:
-    if launch.num_processes:
-        return launch.num_processes
-    if launch.config_file:
-        config = read_yaml_mapping(launch.config_file, RecipeError, "launch.config_file", "name an accelerate config")
-        return int(config.get("num_processes") or 1)
-    return 1
+def launch_processes(launch: LaunchSpec, where: str) -> int:
+    """Processes the launch starts; reading the config file also checks that it exists and parses."""
+    config = {} if not launch.config_file else read_yaml_mapping(
+        launch.config_file, RecipeError, f"{where}: field launch.config_file:",
+        "name an accelerate config such as pkg:train/fsdp.yaml")
+    return launch.num_processes or int(config.get("num_processes") or 1)
 
 
 class Stages:
@@ -234,7 +230,6 @@ def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: 
 
 
 def _plan(r: RunRecipe, path: Path) -> None:
-    from dus_plugin.io import atomic_write_text
     from dus_plugin.plan import layer_list_plan, parse_layers, solar_plan
     from dus_plugin.recipe import build_recipe, render_recipe
     from dus_plugin.source import check_decoder_lm, padded_vocab, resolve_base
@@ -273,8 +268,6 @@ def _train(cfg, launch: LaunchSpec | None, out: Path, quiet: bool) -> None:
         return
     import subprocess
     import sys
-
-    from dus_plugin.io import atomic_write_text
 
     config = out / "train_config.yml"
     atomic_write_text(config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
