@@ -75,31 +75,20 @@ def main(verbose: bool) -> None:
 def plan(base: str, drop: int | None, layers: str | None, method: str, dtype: str | None, revision: str | None,
          tokenizer_source: str, output: Path | None, as_json: bool) -> None:
     """Plan a DUS of BASE (folder or Hub id): print the layer map, write stock mergekit YAML."""
-    from dus_plugin.plan import format_layer_map, layer_list_plan, parse_layers, solar_plan
-    from dus_plugin.recipe import build_recipe, render_recipe
-    from dus_plugin.source import check_decoder_lm, padded_vocab, resolve_base
+    from dus_plugin.plan import format_layer_map
+    from dus_plugin.planning import PlanOptions, make_recipe
 
     if drop is not None and layers is not None:
         raise click.UsageError("--drop and --layers are alternatives; give one")
-    b = resolve_base(base, revision)
-    check_decoder_lm(b)
-    p = layer_list_plan(b.config, parse_layers(layers)) if layers else solar_plan(b.config, drop)
-    dtype = dtype or b.config.get("dtype") or b.config.get("torch_dtype")
-    notes: list[str] = []
-    padded = padded_vocab(b) if tokenizer_source == "auto" else None
-    if padded:
-        notes.append(f"tokenizer_source omitted: the base pads its vocabulary to {padded[0]} rows for {padded[1]} "
-                     "tokens, and with tokenizer_source mergekit would cut the embeddings to the tokenizer's size")
-    use_source = tokenizer_source == "base" or (tokenizer_source == "auto" and not padded)
-    doc = build_recipe(base, p, method=method, dtype=dtype, tokenizer_source=use_source)
-    if as_json:
-        click.echo(json.dumps(p.to_dict(), indent=2))
-    else:
-        click.echo(format_layer_map(p))
+    planned = make_recipe(base, PlanOptions(drop=drop, layers=layers, method=method, dtype=dtype, revision=revision,
+                                            tokenizer_source=tokenizer_source))
+    click.echo(json.dumps(planned.plan.to_dict(), indent=2) if as_json else format_layer_map(planned.plan))
+    for note in planned.notes:
+        click.echo(f"note: {note}", err=True)
     if output is not None:
         from dus_plugin.io import atomic_write_text
 
-        atomic_write_text(output, render_recipe(doc, p, method=method, command=["dus", *sys.argv[1:]], notes=notes))
+        atomic_write_text(output, planned.render(method, command=["dus", *sys.argv[1:]]))
         click.echo(f"wrote {output}", err=True)
 
 

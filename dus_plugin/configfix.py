@@ -18,7 +18,8 @@ LOG = logging.getLogger(__name__)
 # mentions "layer" is remapped too (and logged), since it can only be indexed by layer.
 PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sliding_window_layers")
 # Lists of layer *indices* (not per-layer values): remapped to the output indices they cover.
-LAYER_INDEX_KEYS = ("mlp_only_layers",)
+LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "hybrid_layer_ids", "full_attn_layers", "linear_attn_layers",
+                    "swa_layers", "global_attn_layers", "sliding_window_layers_idx")
 
 
 def _sub_config(cfg: Any, layers_key: str) -> tuple[Any, str]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dus_plugin.errors import RecipeError, TrainingLaunchError
 from dus_plugin.io import atomic_write_text, read_yaml_mapping
+from dus_plugin.planning import PlanOptions
 from dus_plugin.validation import first_error
 
 LOG = logging.getLogger(__name__)
@@ -24,15 +25,6 @@ PKG = Path(__file__).parent
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class UpscaleSpec(Strict):
-    drop: Optional[int] = None
-    """Overlap m [default: n/4]."""
-    layers: Optional[str] = None
-    """Explicit stacking instead of drop, e.g. 0:24,8:32."""
-    method: Literal["solar", "identity"] = "solar"
-    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
 
 
 class EvalSpec(Strict):
@@ -69,7 +61,7 @@ class RunRecipe(Strict):
     base_model_id: Optional[str] = None
     """Hub id the card links when ``base`` is a local folder."""
     output_dir: str
-    upscale: UpscaleSpec = UpscaleSpec()
+    upscale: PlanOptions = PlanOptions()
     eval: EvalSpec
     train: dict[str, Any]
     """A training config (see configs/cpt_tiny.yml), inline or as the path of its YAML file (relative to the
@@ -230,23 +222,16 @@ def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: 
 
 
 def _plan(r: RunRecipe, path: Path) -> None:
-    from dus_plugin.plan import layer_list_plan, parse_layers, solar_plan
-    from dus_plugin.recipe import build_recipe, render_recipe
-    from dus_plugin.source import check_decoder_lm, padded_vocab, resolve_base
+    from dus_plugin.planning import make_recipe
 
-    b = resolve_base(r.base)
-    check_decoder_lm(b)
-    p = layer_list_plan(b.config, parse_layers(r.upscale.layers)) if r.upscale.layers else \
-        solar_plan(b.config, r.upscale.drop)
-    doc = build_recipe(r.base, p, method=r.upscale.method, dtype=r.upscale.dtype, tokenizer_source=not padded_vocab(b))
-    atomic_write_text(path, render_recipe(doc, p, method=r.upscale.method, command=["dus", "run", r.name]))
+    planned = make_recipe(r.base, r.upscale)
+    atomic_write_text(path, planned.render(r.upscale.method, command=["dus", "run", r.name]))
 
 
 def _base_dir(r: RunRecipe) -> Path:
-    from dus_plugin.source import resolve_base
-    from dus_plugin.upscale import _local_base
+    from dus_plugin.source import local_snapshot, resolve_base
 
-    return _local_base(resolve_base(r.base))
+    return local_snapshot(resolve_base(r.base))
 
 
 def _eval(r: RunRecipe, model: Path, path: Path, label: str, quiet: bool) -> None:

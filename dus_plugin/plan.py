@@ -26,11 +26,14 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def num_layers(config: Mapping[str, Any]) -> int:
-    """n, the base's layer count, or a PlanError that says which key was missing."""
-    n = text_config(config).get("num_hidden_layers")
+    """n, the base's layer count (under the key its config class maps num_hidden_layers to), or a PlanError."""
+    from dus_plugin.architecture import count_key, get_path
+
+    key = count_key(config)
+    n = get_path(config, key)
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise PlanError(
-            f"config.json has no usable num_hidden_layers (got {n!r}); "
+            f"config.json has no usable {key} (got {n!r}); "
             "DUS needs a decoder LM config that states its layer count"
         )
     return n

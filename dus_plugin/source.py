@@ -62,6 +62,17 @@ def _resolve_hub(repo_id: str, revision: str | None) -> BaseModel:
     return BaseModel(repo_id, _read_config(cfg_path, repo_id), cfg_path.parent, repo_id, commit)
 
 
+def local_snapshot(base: BaseModel) -> Path:
+    """The folder holding the base's files: the folder itself, or the Hub snapshot (downloaded as needed)."""
+    if base.hub_id is None:
+        assert base.local_path is not None
+        return base.local_path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(base.hub_id, revision=base.revision,
+                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "README.md"]))
+
+
 def _read_config(path: Path, ref: str) -> dict[str, Any]:
     if not path.is_file():
         raise BaseModelError(f"base {ref} has no config.json; point at a transformers model folder")
@@ -95,22 +106,6 @@ def mergekit_architectures() -> dict[str, dict[str, Any]]:
         for name in d.get("architectures", []):
             out.setdefault(name, d)
     return out
-
-
-def num_layers_key(base: BaseModel) -> str:
-    """The config key mergekit sets to the new layer count (e.g. text_config.num_hidden_layers)."""
-    d = mergekit_architectures().get(base.architecture, {})
-    return d.get("num_layers_config_key") or "num_hidden_layers"
-
-
-def check_decoder_lm(base: BaseModel) -> None:
-    """Refuse a base that is not a causal decoder LM that mergekit can slice by layers."""
-    arch = base.architecture
-    if not arch.endswith("ForCausalLM") or arch not in mergekit_architectures():
-        raise BaseModelError(
-            f"base {base.ref} is a {arch}, not a decoder LM that mergekit knows; DUS needs a *ForCausalLM "
-            "architecture from mergekit's list (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...)"
-        )
 
 
 def tokenizer_size(base: BaseModel) -> int | None:

@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 from dus_plugin.errors import UpscaleError
 from dus_plugin.recipe import Recipe
-from dus_plugin.tensors import SourceTensor, layer_index, read_header, with_layer
+from dus_plugin.architecture import LayerStack
+from dus_plugin.tensors import SourceTensor, read_header, transformed_bytes
 
 LOG = logging.getLogger(__name__)
 CHUNK = 64 << 20
@@ -72,7 +73,7 @@ def streamable(recipe: Recipe) -> str | None:
     return None
 
 
-def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None) -> list[OutTensor]:
+def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: LayerStack) -> list[OutTensor]:
     """Every output tensor with its source byte range, in output order (non-layer tensors first)."""
     from dus_plugin.tensors import weight_map
 
@@ -83,7 +84,7 @@ def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None) -> list[
     layer_names: dict[int, list[str]] = {}
     outside: list[str] = []
     for name in sources:
-        i = layer_index(name)
+        i = stack.index(name)
         (outside.append(name) if i is None else layer_names.setdefault(i, []).append(name))
     out: list[OutTensor] = []
     target = TORCH_NAMES.get(out_dtype or "", None)
@@ -91,7 +92,7 @@ def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None) -> list[
         out.append(OutTensor(name, sources[name], name, target or sources[name].dtype, False))
     for i, src_layer in enumerate(recipe.layer_map):
         for src_name in layer_names.get(src_layer, []):
-            name = with_layer(src_name, i)
+            name = stack.rename(src_name, i)
             zero = any(f in name for f in zeroed.get(i, []))
             out.append(OutTensor(name, sources[src_name], src_name, target or sources[src_name].dtype, zero))
     return out
@@ -118,20 +119,6 @@ def _header_bytes(tensors: list[OutTensor]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
     return struct.pack("<Q", len(raw)) + raw
-
-
-def _transformed(t: OutTensor) -> bytes:
-    """A tensor that is cast and/or zeroed, computed as mergekit computes it (x.to(dtype) * 0.0)."""
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(t.src.file), framework="pt") as f:
-        x = f.get_tensor(t.src_name)
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.dtype]
-    x = x.to(dtype)
-    if t.zero:
-        x = x * 0.0
-    return x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, n: int) -> None:
@@ -186,7 +173,7 @@ def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], 
                 _copy_range(fd, out, t.src.start, offset, t.nbytes)
                 hashes[t.name] = hasher(t.src.file, t.src.start, t.nbytes)
             else:
-                data = _transformed(t)
+                data = transformed_bytes(t.src, t.src_name, t.dtype, t.zero)
                 os.pwrite(out, data, offset)
                 hashes[t.name] = hashlib.sha256(data).hexdigest()
             offset += t.nbytes
@@ -210,9 +197,10 @@ def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Pa
 
     from tqdm import tqdm
 
-    from dus_plugin.source import num_layers_key
+    from dus_plugin.architecture import layer_stack
 
-    tensors = plan_tensors(recipe, base_dir, recipe.out_dtype or recipe.dtype)
+    stack = layer_stack(base.config)
+    tensors = plan_tensors(recipe, base_dir, recipe.out_dtype or recipe.dtype, stack)
     shards = shard(tensors, shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
@@ -222,8 +210,7 @@ def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Pa
     pending: dict[tuple[Path, int], Any] = {}
     with ThreadPoolExecutor(1, thread_name_prefix="dus-config") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="dus-hash") as hash_pool:
-        config = pool.submit(build_config, str(base_dir), recipe.layer_map, num_layers_key(base),
-                             recipe.out_dtype or recipe.dtype, str(tmp))
+        config = pool.submit(build_config, base.config, recipe.layer_map, recipe.out_dtype or recipe.dtype, str(tmp))
 
         def hasher(file: Path, start: int, nbytes: int):
             key = (file, start)
@@ -253,17 +240,14 @@ def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Pa
     return hashes
 
 
-def build_config(base_dir: str, layer_map: list[int], layers_key: str, dtype: str | None, out: str) -> None:
-    """The output config as mergekit's run builds it (load, set dtype, set the layer count) plus the
-    per-layer fix; the equivalence tests compare it with mergekit's own output for every family."""
-    from transformers import AutoConfig
+def build_config(base_config: dict[str, Any], layer_map: list[int], dtype: str | None, out: str) -> None:
+    """The output config: the base's, with the layer count and every per-layer setting following the
+    layer map (``architecture.upscaled_config``), saved by transformers as mergekit's run saves it."""
+    from dus_plugin.architecture import config_object, upscaled_config
 
-    from dus_plugin.configfix import remap_per_layer
-
-    cfg = AutoConfig.from_pretrained(base_dir)
+    cfg = config_object(upscaled_config(base_config, layer_map, check=False))
     if dtype:
         cfg.dtype = dtype  # mergekit sets torch_dtype, which transformers 5 maps to dtype
-    remap_per_layer(cfg, layer_map, layers_key)
     cfg.save_pretrained(out)
 
 

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from dus_plugin.errors import BaseModelError
-
-_LAYER = re.compile(r"^(.*?\blayers\.)(\d+)(\..+)$")
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(2)) if m else None
-
-
-def with_layer(name: str, index: int) -> str:
-    m = _LAYER.match(name)
-    assert m is not None, name
-    return f"{m.group(1)}{index}{m.group(3)}"
-
 
 def weight_map(folder: Path) -> dict[str, str]:
     """tensor name -> safetensors file name, from the index or the single file."""
@@ -126,3 +111,17 @@ class TensorReader:
 
     def names(self) -> list[str]:
         return list(self.map)
+
+
+def transformed_bytes(src: SourceTensor, name: str, dtype: str, zero: bool) -> bytes:
+    """A tensor cast to ``dtype`` (safetensors name) and/or zeroed, computed as mergekit computes it
+    (``x.to(dtype) * 0.0``): the bytes both engines write and verify expects."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(src.file), framework="pt") as f:
+        x = f.get_tensor(name)
+    x = x.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype])
+    if zero:
+        x = x * 0.0
+    return x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()

@@ -21,8 +21,9 @@ from dus_plugin.errors import BaseModelError, DusError, OutputExistsError, Recip
 from dus_plugin.manifest import FORMAT, write_manifest
 from dus_plugin.plan import DusPlan, Slice, count_params
 from dus_plugin.recipe import Recipe, check_against_base, load_recipe
-from dus_plugin.source import BaseModel, check_decoder_lm, resolve_base
-from dus_plugin.tensors import check_readable, header_sha256, layer_index, read_header, weight_map, with_layer
+from dus_plugin.architecture import LayerStack, layer_stack, upscaled_config
+from dus_plugin.source import BaseModel, local_snapshot, resolve_base
+from dus_plugin.tensors import check_readable, header_sha256, read_header, weight_map
 
 LOG = logging.getLogger(__name__)
 TMP_MARK = ".dus-tmp-"
@@ -69,9 +70,10 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     base = resolve_base(recipe.model)
-    check_decoder_lm(base)
+    stack = layer_stack(base.config)
     check_against_base(recipe, plan_of(recipe, base.config).n, where=str(recipe_path))
-    _check_filters(recipe, base, str(recipe_path))
+    upscaled_config(base.config, recipe.layer_map)  # refuses a layer map the family's config cannot express
+    _check_filters(recipe, base, stack, str(recipe_path))
     _check_vocab(recipe, base, str(recipe_path))
     prepare_output(out, options.overwrite)
 
@@ -79,7 +81,7 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     tmp = out.parent / f".{out.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
         base_dir, engine, hashes = _run_engine(recipe, recipe_path.read_text(encoding="utf-8"), base, tmp, options)
-        manifest = build_manifest(recipe, recipe_path, base, base_dir, tmp, quiet=options.quiet, hashes=hashes)
+        manifest = build_manifest(recipe, recipe_path, base, base_dir, tmp, stack, quiet=options.quiet, hashes=hashes)
         manifest["engine"] = engine
         write_manifest(tmp, manifest)
         if options.verify:
@@ -94,18 +96,18 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     return manifest
 
 
-def _check_filters(recipe: Recipe, base: BaseModel, where: str) -> None:
+def _check_filters(recipe: Recipe, base: BaseModel, stack: LayerStack, where: str) -> None:
     filters = {f for fs in recipe.zeroed_outputs().values() for f in fs}
     if not filters:
         return
     if base.local_path is None or not any(base.local_path.glob("*.safetensors")):
         return  # a Hub base not downloaded yet: mergekit's run will tell
-    names = [n for n in weight_map(base.local_path) if layer_index(n) is not None]
+    names = [n for n in weight_map(base.local_path) if stack.index(n) is not None]
     for f in sorted(filters):
         if not any(f in n for n in names):
             raise RecipeError(
                 f"{where}: scale filter {f!r} matches no layer tensor of {base.architecture}; "
-                f"its layer tensors are {', '.join(sorted({n.split('.', 3)[-1] for n in names}))}"
+                f"its layer tensors are {', '.join(sorted({stack.relative(n) for n in names}))}"
             )
 
 
@@ -127,7 +129,7 @@ def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path,
 
     if options.engine not in ("auto", "stream", "mergekit"):
         raise RecipeError(f"--engine {options.engine!r} is unknown; choose auto, stream or mergekit")
-    base_dir = _local_base(base)
+    base_dir = local_snapshot(base)
     check_readable(base_dir)
     if not (base_dir / "tokenizer_config.json").is_file() or not any(
             (base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
@@ -140,8 +142,18 @@ def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path,
                                                 parse_size(options.shard_size), options.quiet)
     if options.engine == "stream":
         raise RecipeError(f"--engine stream cannot run this recipe: {why}; use --engine auto or mergekit")
+    from dus_plugin.source import mergekit_architectures
+    from dus_plugin.stream import build_config
+
+    if base.architecture not in mergekit_architectures():
+        raise RecipeError(f"this recipe needs mergekit's engine ({why}), and mergekit has no definition of "
+                          f"{base.architecture}; the streaming engine handles any family for plain copies and "
+                          "zeroed projections (the recipes `dus plan` writes)")
     LOG.info("using mergekit's engine (%s)", why)
     _merge(recipe, recipe_text, base_dir, tmp, options)
+    # mergekit writes the layer count under the key of its own definition; the config transformers
+    # reads is rebuilt from the base's, as the streaming engine builds it
+    build_config(base.config, recipe.layer_map, recipe.out_dtype or recipe.dtype, str(tmp))
     return base_dir, "mergekit", None
 
 
@@ -194,18 +206,8 @@ def _no_progress(quiet: bool) -> Iterator[None]:
         tqdm.tqdm.__init__ = original  # type: ignore[method-assign]
 
 
-def _local_base(base: BaseModel) -> Path:
-    if base.hub_id is None:
-        assert base.local_path is not None
-        return base.local_path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(base.hub_id, revision=base.revision,
-                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "README.md"]))
-
-
 def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir: Path, folder: Path,
-                   quiet: bool = False, hashes: dict[str, str] | None = None) -> dict[str, Any]:
+                   stack: LayerStack, quiet: bool = False, hashes: dict[str, str] | None = None) -> dict[str, Any]:
     from importlib.metadata import version
 
     from tqdm import tqdm
@@ -219,8 +221,8 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
     for file in tqdm(files, desc="Hashing output shards", disable=quiet or hashes is not None, unit="shard"):
         file_hashes = hashes if hashes is not None else hash_file_tensors(folder / file)
         for name, t in read_header(folder / file).items():
-            i = layer_index(name)
-            entry = {"source": name if i is None else with_layer(name, plan.layer_map[i]),
+            i = stack.index(name)
+            entry = {"source": name if i is None else stack.rename(name, plan.layer_map[i]),
                      "dtype": _TORCH_DTYPE.get(t.dtype, t.dtype.lower()), "shape": t.shape, "sha256": file_hashes[name]}
             if i is not None and any(f in name for f in zeroed.get(i, [])):
                 entry["zeroed"] = True
@@ -247,6 +249,7 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
         "recipe_file": recipe_path.name,
         "recipe_yaml": recipe_path.read_text(encoding="utf-8"),
         "plan": plan.to_dict(),
+        "layers": stack.to_dict(),
         "tensors": tensors,
         "stages": [{"stage": "upscale", "date": dt.date.today().isoformat()}],
     }

@@ -1,21 +1,28 @@
-"""Check an upscaled folder against its plan: tensors, config, tokenizer, and a real forward pass."""
+"""Check an upscaled folder against what its base and plan imply: tensors, config, loading, forward.
+
+The expected result is derived from the base's own files, the plan's layer map and the model
+class (built on the meta device), never from the output's list of its own tensors, so an engine
+that drops, swaps or mis-zeroes a layer cannot describe its own mistake as the plan.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dus_plugin.configfix import remap_per_layer
-from dus_plugin.errors import BaseModelError, VerifyError
+from dus_plugin.errors import PlanError, VerifyError
 from dus_plugin.manifest import read_manifest
-from dus_plugin.plan import text_config
-from dus_plugin.tensors import TensorReader
+from dus_plugin.tensors import SourceTensor, TensorReader, read_header, weight_map
 
 LOG = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# Config keys that legitimately differ between a base and its upscale.
+VOLATILE_CONFIG_KEYS = frozenset({"dtype", "torch_dtype", "transformers_version", "_name_or_path"})
 
 
 @dataclass
@@ -30,6 +37,14 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Expected:
+    """One output tensor as the plan implies it."""
+
+    source: str
+    zero: bool
+
+
 def verify(folder: str | Path, base: str | Path | None = None, forward: bool = True,
            quiet: bool = False) -> VerifyReport:
     """Raise VerifyError naming the first mismatch; return what was checked."""
@@ -38,35 +53,54 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
         raise VerifyError(f"{folder} is not a folder; pass the output folder of `dus upscale`")
     manifest = read_manifest(folder)
     report = VerifyReport(str(folder))
-    _check_config(folder, manifest)
     _check_tokenizer(folder)
-    base_dir = _base_dir(manifest, base) if "tensors" in manifest else None
-    report.against_base = base_dir is not None
-    report.trained = "tensors" not in manifest
-    report.tensors = _check_tensors(folder, manifest, base_dir, quiet)
+    report.trained = "tensors" not in manifest or "plan" not in manifest
+    base_dir = None if report.trained else _base_dir(manifest, base)
+    if report.trained:
+        report.tensors = _check_trained(folder, quiet)
+    else:
+        base_config = _base_config(manifest, base_dir)
+        _check_config(folder, manifest, base_config)
+        report.against_base = base_dir is not None
+        report.tensors = (_check_against_base(folder, manifest, base_dir, base_config, quiet) if base_dir
+                          else _check_hashes(folder, manifest, quiet))
     if forward:
-        _forward(folder)
+        _forward(folder, base_dir if manifest.get("method") == "identity" else None)
         report.forward = True
-    LOG.info("verified %s: %d tensors %s", folder, report.tensors,
-             "equal to the base's" if report.against_base else "match the manifest hashes")
+    LOG.info("verified %s: %d tensors", folder, report.tensors)
     return report
 
 
-def _check_config(folder: Path, manifest: dict[str, Any]) -> None:
+def _base_config(manifest: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    if base_dir is not None and (base_dir / "config.json").is_file():
+        return json.loads((base_dir / "config.json").read_text())
+    return manifest["base"]["config"]
+
+
+def _check_config(folder: Path, manifest: dict[str, Any], base_config: dict[str, Any]) -> None:
+    """The output config is the base's with every per-layer setting following the layer map, and every
+    output layer is built exactly as its source layer."""
+    from dus_plugin.architecture import check_layers, config_object, upscaled_config
+
     path = folder / "config.json"
     if not path.is_file():
         raise VerifyError(f"{folder} has no config.json")
-    cfg = json.loads(path.read_text())
-    plan = manifest["plan"]
-    got = text_config(cfg).get("num_hidden_layers")
-    if got != plan["s"]:
-        raise VerifyError(f"config.json num_hidden_layers is {got}, the plan says s = {plan['s']}")
-    expected = json.loads(json.dumps(text_config(manifest["base"]["config"])))
-    remap_per_layer(expected, plan["layer_map"])
-    actual = text_config(cfg)
-    for key, value in expected.items():
-        if isinstance(value, list) and key in actual and actual[key] != value:
-            raise VerifyError(f"config.json {key} does not follow the layer map: got {actual[key]}, expected {value}")
+    actual = json.loads(path.read_text())
+    layer_map = manifest["plan"]["layer_map"]
+    expected = upscaled_config(base_config, layer_map, check=False)
+    want, got = (config_object(c).to_dict() for c in (expected, actual))
+    for key in sorted(set(want) | set(got)):
+        if key not in VOLATILE_CONFIG_KEYS and want.get(key) != got.get(key):
+            raise VerifyError(f"config.json {key} is {_short(got.get(key))}, the layer map implies {_short(want.get(key))}")
+    try:
+        check_layers(base_config, actual, layer_map)
+    except PlanError as e:
+        raise VerifyError(f"config.json: {e}") from None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _check_tokenizer(folder: Path) -> None:
@@ -77,69 +111,82 @@ def _check_tokenizer(folder: Path) -> None:
 def _base_dir(manifest: dict[str, Any], base: str | Path | None) -> Path | None:
     if base is not None:
         path = Path(base)
-        if not path.is_dir():
-            from dus_plugin.source import resolve_base
+        if path.is_dir():
+            return path
+        from dus_plugin.source import local_snapshot, resolve_base
 
-            resolved = resolve_base(str(base), manifest["base"].get("revision"))
-            from dus_plugin.upscale import _local_base
-
-            return _local_base(resolved)
-        return path
+        return local_snapshot(resolve_base(str(base), manifest["base"].get("revision")))
     recorded = manifest["base"].get("local_path")
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
-def _check_tensors(folder: Path, manifest: dict[str, Any], base_dir: Path | None, quiet: bool) -> int:
-    """Each tensor's bytes against its manifest hash and, with the base at hand, against its source.
+def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: list[int],
+                     method: str) -> dict[str, Expected]:
+    """Every output tensor the plan implies, from the base's files and the model class."""
+    from dus_plugin.architecture import layer_stack, writer_filters
+    from dus_plugin.plan import DusPlan, Slice
 
-    Reads both files in bounded chunks (no mmap, no full tensors), so memory stays flat however
-    large the model; only cast or zeroed tensors are rebuilt with torch, one at a time.
-    """
+    names = list(weight_map(base_dir))
+    stack = layer_stack(base_config, names)
+    zeroed: set[int] = set()
+    filters: list[str] = []
+    if method == "identity":
+        zeroed = set(DusPlan(n=max(layer_map) + 1, slices=tuple(Slice(i, i + 1) for i in layer_map)).duplicated_outputs)
+        filters = writer_filters([n for n in names if stack.index(n) is not None])
+    out: dict[str, Expected] = {n: Expected(n, False) for n in names if stack.index(n) is None}
+    by_layer: dict[int, list[str]] = {}
+    for n in names:
+        if (i := stack.index(n)) is not None:
+            by_layer.setdefault(i, []).append(n)
+    for i, src in enumerate(layer_map):
+        for n in by_layer.get(src, []):
+            new = stack.rename(n, i)
+            out[new] = Expected(n, i in zeroed and any(f in new for f in filters))
+    return out
+
+
+def _check_against_base(folder: Path, manifest: dict[str, Any], base_dir: Path, base_config: dict[str, Any],
+                        quiet: bool) -> int:
+    """Each output tensor against its source in the base (bytes, or the cast/zeroed bytes), in bounded chunks."""
     from tqdm import tqdm
 
-    from dus_plugin.tensors import read_header, weight_map
-
-    if "tensors" not in manifest:  # a trained export: weights moved on, so check they are sane
-        return _check_trained(folder, quiet)
-    planned: dict[str, Any] = manifest["tensors"]
-    found = {}
-    for file in sorted(set(weight_map(folder).values())):
-        found.update(read_header(folder / file))
-    missing = sorted(set(planned) - set(found))
+    expected = expected_tensors(base_dir, base_config, manifest["plan"]["layer_map"], manifest.get("method", "solar"))
+    found = _headers(folder)
+    missing = sorted(set(expected) - set(found))
     if missing:
-        raise VerifyError(f"tensor {missing[0]} is in the plan but not in {folder}")
-    extra = sorted(set(found) - set(planned))
+        raise VerifyError(f"tensor {missing[0]} is implied by the base and the plan but missing from {folder}")
+    extra = sorted(set(found) - set(expected))
     if extra:
-        raise VerifyError(f"tensor {extra[0]} is in {folder} but not in the plan")
-    sources = {}
-    if base_dir is not None:
-        for file in sorted(set(weight_map(base_dir).values())):
-            sources.update(read_header(base_dir / file))
-    total = sum(t.nbytes for t in found.values())
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Verifying tensors", disable=quiet) as bar:
+        raise VerifyError(f"tensor {extra[0]} is in {folder} but the base and the plan do not imply it")
+    sources = _headers(base_dir)
+    recorded = manifest.get("tensors", {})
+    with tqdm(total=sum(t.nbytes for t in found.values()), unit="B", unit_scale=True, desc="Verifying tensors",
+              disable=quiet) as bar:
         for name, t in found.items():
-            entry = planned[name]
-            src = None
-            if base_dir is not None:
-                src = sources.get(entry["source"])
-                if src is None:
-                    raise VerifyError(f"tensor {name}: its planned source {entry['source']} is not in the base")
-            if _digest_and_compare(name, t, src, entry) != entry["sha256"]:
+            want = expected[name]
+            digest = _compare(name, t, sources[want.source], want)
+            if name in recorded and recorded[name].get("sha256") not in (None, digest):
                 raise VerifyError(f"tensor {name} in {t.file.name} does not match its hash in the manifest")
             bar.update(t.nbytes)
-    return len(planned)
+    return len(found)
 
 
-def _digest_and_compare(name: str, t, src, entry: dict[str, Any]) -> str:
-    """sha256 of the output tensor's bytes; raises if they differ from what its source implies."""
-    import hashlib
-    import os
+def _headers(folder: Path) -> dict[str, SourceTensor]:
+    out: dict[str, SourceTensor] = {}
+    for file in sorted(set(weight_map(folder).values())):
+        out.update(read_header(folder / file))
+    return out
 
+
+def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected) -> str:
+    """sha256 of the output tensor's bytes; VerifyError at the first byte that differs from what its source implies."""
+    from dus_plugin.tensors import transformed_bytes
+
+    if src.shape != t.shape:
+        raise VerifyError(f"tensor {name} has shape {t.shape}, its source {want.source} {src.shape}")
+    raw = not want.zero and src.dtype == t.dtype
+    expected = None if raw else transformed_bytes(src, want.source, t.dtype, want.zero)
     h = hashlib.sha256()
-    raw = src is not None and not entry.get("zeroed") and src.dtype == t.dtype
-    expected = _expected_bytes(src, t, entry) if src is not None and not raw else None
-    if src is not None and src.shape != t.shape:
-        raise VerifyError(f"tensor {name} has shape {t.shape}, its planned source {entry['source']} {src.shape}")
     fd = os.open(t.file, os.O_RDONLY)
     sfd = os.open(src.file, os.O_RDONLY) if raw else None
     try:
@@ -148,9 +195,10 @@ def _digest_and_compare(name: str, t, src, entry: dict[str, Any]) -> str:
             n = min(64 << 20, t.nbytes - done)
             chunk = os.pread(fd, n, t.start + done)
             h.update(chunk)
-            want = os.pread(sfd, n, src.start + done) if raw else (expected[done:done + n] if expected is not None else None)
-            if want is not None and chunk != want:
-                raise VerifyError(f"tensor {name} differs from its planned source {entry['source']} in the base "
+            ref = os.pread(sfd, n, src.start + done) if sfd is not None else expected[done:done + n]
+            if chunk != ref:
+                what = "zeroed copy of" if want.zero else "copy of"
+                raise VerifyError(f"tensor {name} is not the {what} {want.source} that the plan implies "
                                   f"(in {t.file.name}, from byte {done} of the tensor)")
             done += len(chunk)
     finally:
@@ -160,11 +208,21 @@ def _digest_and_compare(name: str, t, src, entry: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _expected_bytes(src, t, entry: dict[str, Any]) -> bytes:
-    """A cast or zeroed tensor, rebuilt as mergekit computes it."""
-    from dus_plugin.stream import OutTensor, _transformed
+def _check_hashes(folder: Path, manifest: dict[str, Any], quiet: bool) -> int:
+    """Without the base: each tensor's bytes against the manifest's sha256."""
+    from tqdm import tqdm
 
-    return _transformed(OutTensor(entry["source"], src, entry["source"], t.dtype, bool(entry.get("zeroed"))))
+    from dus_plugin.stream import hash_range
+
+    planned: dict[str, Any] = manifest["tensors"]
+    found = _headers(folder)
+    for name in sorted(set(planned) ^ set(found)):
+        where = "the manifest" if name in planned else folder
+        raise VerifyError(f"tensor {name} is in {where} only")
+    for name, t in tqdm(found.items(), desc="Hashing tensors", disable=quiet, unit="tensor"):
+        if hash_range(t.file, t.start, t.nbytes) != planned[name]["sha256"]:
+            raise VerifyError(f"tensor {name} in {t.file.name} does not match its hash in the manifest")
+    return len(found)
 
 
 def _check_trained(folder: Path, quiet: bool) -> int:
@@ -179,16 +237,53 @@ def _check_trained(folder: Path, quiet: bool) -> int:
     return len(names)
 
 
-def _forward(folder: Path) -> None:
+def _load(folder: Path):
+    """The model in float32, refusing any missing, unexpected or mismatched key (transformers would
+    fill a missing one with random weights and say nothing)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     except Exception as e:
         raise VerifyError(f"transformers cannot load {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    ids = torch.arange(1, 9).unsqueeze(0) % model.config.vocab_size
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise VerifyError(f"transformers loads {folder} with {len(keys)} {kind.replace('_', ' ')} "
+                              f"(first: {keys[0]}); the folder does not match its model class")
+    return model.eval()
+
+
+def _forward(folder: Path, identity_base: Path | None) -> None:
+    """Load cleanly, run a forward pass; an identity upscale must give exactly the base's logits."""
+    import torch
+
+    model = _load(folder)
+    ids = (torch.arange(1, 17).unsqueeze(0) * 7) % model.config.vocab_size
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+    except Exception as e:  # the folder loads but its config does not describe a model that runs
+        raise VerifyError(f"the forward pass of {folder} fails in transformers: {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     if not torch.isfinite(logits).all():
         raise VerifyError(f"forward pass of {folder} gives non-finite logits")
+    if identity_base is None:
+        return
+    del model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(identity_base, dtype=torch.float32).eval()
+    out_dtype = next(p.dtype for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+    with torch.no_grad():
+        for p in base.parameters():  # a cast upscale equals the base rounded to its dtype, not the base itself
+            p.copy_(p.to(out_dtype).float())
+        ref = base(input_ids=ids, use_cache=False).logits
+    # exact on nearly every family; a few reorder float work by depth (a rounding-level 1e-7 difference),
+    # far below what one un-zeroed projection does (1e-2 and up)
+    if not torch.allclose(logits, ref, rtol=0, atol=1e-5 * float(ref.abs().max())):
+        diff = (logits - ref).abs()
+        pos = int(diff.amax(dim=-1).argmax())
+        raise VerifyError(f"identity upscale: logits differ from the base's (max |diff| {diff.max().item():.3g} at "
+                          f"token {pos}); a residual-writing projection of a duplicated copy is not zeroed")

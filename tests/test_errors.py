@@ -72,7 +72,11 @@ def test_upscale_corrupt_safetensors(tiny_llama, tmp_path):
     data = (base / "model.safetensors").read_bytes()
     (base / "model.safetensors").write_bytes(data[: len(data) // 2])
     path = tmp_path / "r.yml"
-    assert dus("plan", base, "--drop", 2, "-o", path).exit_code == 0
+    # plan reads the checkpoint's tensor names, so the damage shows before any recipe is written
+    assert_one_line_error(dus("plan", base, "--drop", 2, "-o", path), "model.safetensors", "not a readable")
+    assert not path.exists()
+    dus("plan", tiny_llama, "--drop", 2, "-o", path)
+    path.write_text(path.read_text().replace(str(tiny_llama), str(base)))
     assert_one_line_error(dus("upscale", path, tmp_path / "out", "-q"), "model.safetensors", "not a readable")
     assert not (tmp_path / "out").exists()
     no_leftovers(tmp_path)
@@ -129,24 +133,13 @@ def test_verify_names_the_first_mismatch(recipe, tmp_path):
     assert_one_line_error(dus("verify", out, "-q"), "model.layers.7.mlp.up_proj.weight")
 
 
-def test_verify_against_base_catches_a_wrong_source(recipe, tmp_path):
-    """Hashes can be rewritten; the comparison with the base tensor cannot be fooled."""
-    out = tmp_path / "out"
-    assert dus("upscale", recipe, out, "-q").exit_code == 0
-    man = json.loads((out / "dus_manifest.json").read_text())
-    man["tensors"]["model.layers.6.self_attn.q_proj.weight"]["source"] = "model.layers.3.self_attn.q_proj.weight"
-    (out / "dus_manifest.json").write_text(json.dumps(man))
-    assert_one_line_error(dus("verify", out, "-q", "--no-forward"), "model.layers.6.self_attn.q_proj.weight",
-                          "differs from its planned source")
-
-
 def test_verify_layer_count_and_missing_manifest(recipe, tmp_path):
     out = tmp_path / "out"
     assert dus("upscale", recipe, out, "-q").exit_code == 0
     cfg = json.loads((out / "config.json").read_text())
     cfg["num_hidden_layers"] = 8
     (out / "config.json").write_text(json.dumps(cfg))
-    assert_one_line_error(dus("verify", out, "-q"), "num_hidden_layers is 8", "s = 12")
+    assert_one_line_error(dus("verify", out, "-q"), "num_hidden_layers is 8", "implies 12")
     (out / "dus_manifest.json").unlink()
     assert_one_line_error(dus("verify", out), "dus_manifest.json")
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dus_plugin.fixtures import FAMILIES
-from dus_plugin.tensors import layer_index, with_layer
+from dus_plugin.architecture import LayerStack
 
 from helpers import config, dus, tensors
 
@@ -39,6 +39,10 @@ def layer_map(folder: Path) -> list[int]:
     import json
 
     return json.loads((folder / "dus_manifest.json").read_text())["plan"]["layer_map"]
+
+
+STACK = LayerStack("model.layers.", "num_hidden_layers")
+layer_index, with_layer = STACK.index, STACK.rename
 
 
 def assert_follows_plan(out: Path, base: Path, lmap: list[int]) -> None:

@@ -15,8 +15,6 @@ from typing import Any
 
 from dus_plugin.train.config import SeamConfig, TrainConfigError
 
-_LAYER = re.compile(r"\blayers\.(\d+)\.")
-
 
 @dataclass(frozen=True)
 class SeamLayout:
@@ -25,6 +23,8 @@ class SeamLayout:
     num_layers: int
     seam: list[int]
     duplicated: list[int]
+    prefix: str = "model.layers."
+    """Where the layers are in parameter names (the manifest's ``layers.prefix``: ``transformer.h.``, ...)."""
 
     def window(self, width: int) -> set[int]:
         out: set[int] = set()
@@ -37,14 +37,16 @@ def read_layout(model_dir: str | Path) -> SeamLayout | None:
     path = Path(model_dir) / "dus_manifest.json"
     if not path.is_file():
         return None
-    plan = json.loads(path.read_text()).get("plan")
+    manifest = json.loads(path.read_text())
+    plan = manifest.get("plan")
     if plan is None:  # a trained export of a base that was never upscaled: no seam to speak of
         return None
-    return SeamLayout(plan["s"], list(plan["seam"]), list(plan["duplicated_outputs"]))
+    prefix = (manifest.get("layers") or {}).get("prefix", "model.layers.")
+    return SeamLayout(plan["s"], list(plan["seam"]), list(plan["duplicated_outputs"]), prefix)
 
 
-def layer_of(name: str) -> int | None:
-    m = _LAYER.search(name)
+def layer_of(name: str, prefix: str = "model.layers.") -> int | None:
+    m = re.search(r"(?:^|\.)" + re.escape(prefix) + r"(\d+)\.", name)
     return int(m.group(1)) if m else None
 
 
@@ -63,7 +65,7 @@ def param_groups(model: Any, seam: SeamConfig, layout: SeamLayout | None, lr: fl
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        layer = layer_of(name)
+        layer = layer_of(name, layout.prefix) if layout is not None else None
         key = (p.ndim >= 2, layer in focus, seam.seam_lr_multiplier != 1.0 and layer in window)
         g = groups.setdefault(key, {"params": [], "names": [], "weight_decay": weight_decay if key[0] else 0.0,
                                     "focus": key[1], "lr_mult": seam.seam_lr_multiplier if key[2] else 1.0})

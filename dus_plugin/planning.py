@@ -1,0 +1,119 @@
+"""One entry point from a base and plan options to a checked DUS recipe (the CLI and `dus run` share it)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from pydantic import BaseModel as Model
+from pydantic import ConfigDict
+
+from dus_plugin.errors import BaseModelError, PlanError
+from dus_plugin.plan import DusPlan, layer_list_plan, parse_layers, solar_plan
+from dus_plugin.source import BaseModel
+
+LOG = logging.getLogger(__name__)
+
+
+class PlanOptions(Model):
+    """How to grow the base; each field is a `dus plan` flag and a key under `upscale:` in a run recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+    drop: Optional[int] = None
+    """Overlap m: layers dropped per copy [default: n/4]."""
+    layers: Optional[str] = None
+    """Explicit stacking instead of drop, e.g. 0:24,8:32."""
+    method: Literal["solar", "identity"] = "solar"
+    """identity: zero the residual-writing projections of each duplicated copy (the base's function at step 0)."""
+    dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    """Output dtype [default: the base's]."""
+    revision: Optional[str] = None
+    """Hub revision of the base."""
+    tokenizer_source: Literal["auto", "base", "copy"] = "auto"
+    """base: `tokenizer_source: base`; copy: omit it; auto: base unless the base pads its vocabulary."""
+
+
+@dataclass
+class PlannedRecipe:
+    base: BaseModel
+    plan: DusPlan
+    doc: dict
+    """The mergekit YAML document."""
+    notes: list[str] = field(default_factory=list)
+
+    def render(self, method: str, command: list[str] | None = None) -> str:
+        from dus_plugin.recipe import render_recipe
+
+        return render_recipe(self.doc, self.plan, method=method, command=command, notes=self.notes)
+
+
+def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
+    """Resolve the base, check that its family can be grown by this layer map, and build the recipe."""
+    from dus_plugin.architecture import layer_stack, upscaled_config
+    from dus_plugin.recipe import build_recipe
+    from dus_plugin.source import mergekit_architectures, padded_vocab, resolve_base
+
+    if options.drop is not None and options.layers is not None:
+        raise PlanError("drop and layers are alternatives; give one")
+    base = resolve_base(base_ref, options.revision)
+    names = base_tensor_names(base)
+    stack = layer_stack(base.config, names)
+    plan = layer_list_plan(base.config, parse_layers(options.layers)) if options.layers else \
+        solar_plan(base.config, options.drop)
+    upscaled_config(base.config, plan.layer_map)
+    filters: tuple[str, ...] = ()
+    if options.method == "identity":
+        filters = identity_filters(base, stack, names)
+    dtype = options.dtype or base.config.get("dtype") or base.config.get("torch_dtype")
+    notes: list[str] = []
+    padded = padded_vocab(base) if options.tokenizer_source == "auto" else None
+    if padded:
+        notes.append(f"tokenizer_source omitted: the base pads its vocabulary to {padded[0]} rows for {padded[1]} "
+                     "tokens, and with tokenizer_source mergekit would cut the embeddings to the tokenizer's size")
+    if base.architecture not in mergekit_architectures():
+        notes.append(f"stock mergekit has no definition of {base.architecture}: run this recipe with "
+                     "`dus upscale` (its streaming engine reads the layer stack from transformers)")
+    use_source = options.tokenizer_source == "base" or (options.tokenizer_source == "auto" and not padded)
+    doc = build_recipe(base_ref, plan, method=options.method, dtype=dtype, projections=filters,
+                       tokenizer_source=use_source)
+    return PlannedRecipe(base, plan, doc, notes)
+
+
+def base_tensor_names(base: BaseModel) -> list[str] | None:
+    """The base's checkpoint tensor names: from its files, or its Hub index; None when neither is at hand."""
+    from dus_plugin.tensors import weight_map
+
+    if base.local_path is not None and any(base.local_path.glob("*.safetensors")):
+        return list(weight_map(base.local_path))
+    if base.hub_id is None:
+        return None
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        meta = get_safetensors_metadata(base.hub_id, revision=base.revision)
+        return list(meta.weight_map)
+    except Exception as e:  # no network or no safetensors: the plan still works without identity filters
+        LOG.info("could not read the tensor names of %s from the Hub: %s", base.hub_id, e)
+        return None
+
+
+def identity_filters(base: BaseModel, stack, names: list[str] | None) -> tuple[str, ...]:
+    """The residual writers of one layer, as mergekit scale filters."""
+    from dus_plugin.architecture import POST_NORM, RESIDUAL_MIXERS, writer_filters
+
+    why = POST_NORM.get(base.config.get("model_type", ""))
+    mixers = sorted({m for n in names or () for m in RESIDUAL_MIXERS if stack.index(n) is not None and m in n})
+    if mixers:
+        why = f"its layers rescale or mix the residual stream themselves ({', '.join(mixers)} tensors)"
+    if why:
+        raise PlanError(f"method identity cannot make a copy of a {base.architecture} layer the identity: {why}; "
+                        "use method solar")
+    if names is None:
+        raise BaseModelError(f"method identity needs the base's tensor names, and {base.ref} has no readable "
+                             "safetensors here or on the Hub; download the base and plan from its folder")
+    filters = writer_filters([n for n in names if stack.index(n) is not None])
+    if not filters:
+        raise PlanError(f"method identity: no tensor of {base.architecture}'s layers is known to write into the "
+                        "residual stream, so no copy can be made an identity; use method solar")
+    return tuple(filters)

@@ -1,0 +1,93 @@
+"""Tiny random models of every causal-LM family the installed transformers ships (the zoo test's fixtures).
+
+Each family's own config class is built at test size (hidden 64, 8 layers) from its defaults with
+a handful of size keys overridden, so per-layer patterns (sliding/full attention, dense/MoE layers,
+attention/SSM layers) come out as the family defines them. Families out of DUS's scope (encoders,
+encoder-decoders, multimodal wrappers) are listed with the reason dus gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dus_plugin.architecture import OUT_OF_SCOPE
+
+LAYERS = 8
+SIZES: dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    max_position_embeddings=256, n_embd=64, n_head=4, n_inner=128, d_model=64, ffn_dim=128,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
+    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32,
+    qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_positions=256, n_ctx=256, sliding_window=16,
+    rotary_dim=8, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+# Per-family settings on top of SIZES: what the defaults get wrong at test size, and non-uniform
+# per-layer patterns that the layer map must carry.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "qwen2": dict(use_sliding_window=True, max_window_layers=3),
+    "qwen2_moe": dict(decoder_sparse_step=2, mlp_only_layers=[]),
+    "qwen3_moe": dict(decoder_sparse_step=2, mlp_only_layers=[]),
+    "deepseek_v2": dict(first_k_dense_replace=1),
+    "deepseek_v3": dict(first_k_dense_replace=1),
+    "gpt_neo": dict(attention_types=[[["global", "local"], LAYERS // 2]], window_size=16),
+    "mamba2": dict(num_heads=8, head_dim=16, n_groups=1, expand=2, state_size=16),
+    "dots3_note_text": dict(num_key_value_heads=4),
+    "zaya": dict(num_experts_per_tok=1),
+    # attention every 2nd layer, MoE every 2nd: DUS with n - 2m even keeps the pattern
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    # RWKV rescales each layer's output weights by 2^(depth // rescale_every) at inference: a copy at a new
+    # depth computes the same up to rounding, not bit for bit; 0 turns the rescaling off
+    "rwkv": dict(rescale_every=0),
+}
+for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
+           "minicpm3", "longcat_flash"):
+    OVERRIDES.setdefault(_t, {})["num_key_value_heads"] = 4  # multi-head latent attention: as many KV heads as heads
+def causal_lm_types() -> dict[str, str]:
+    """model_type -> causal-LM class name, as the installed transformers maps them."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def decoder_families() -> list[str]:
+    """Every causal-LM model_type that is in scope for DUS."""
+    return [t for t in causal_lm_types() if t not in OUT_OF_SCOPE]
+
+
+def tiny_config(model_type: str, vocab: int, layers: int = LAYERS):
+    """The family's own config class at test size."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    defaults = cls().to_dict()
+    kw = {k: v for k, v in SIZES.items() if k in defaults}
+    kw.update(OVERRIDES.get(model_type, {}))
+    kw[getattr(cls, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")] = layers
+    kw["vocab_size"] = vocab
+    for key in ("layer_types", "layers_block_type", "hybrid_override_pattern"):
+        if isinstance(defaults.get(key), list) and key not in kw and len(defaults[key]) != layers:
+            kw[key] = [defaults[key][i % len(defaults[key])] for i in range(layers)]
+    cfg = cls(**kw)
+    cfg.architectures = [causal_lm_types()[model_type]]
+    return cfg
+
+
+def make_zoo_model(model_type: str, path: str | Path, tokenizer, seed: int = 0) -> Path:
+    """Write a random-init tiny model of ``model_type`` with ``tokenizer`` to ``path``."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    cfg = tiny_config(model_type, vocab=len(tokenizer))
+    torch.manual_seed(seed)
+    model = getattr(transformers, causal_lm_types()[model_type])(cfg).eval()
+    with torch.no_grad():  # random norms and biases, so a copy is distinguishable from a fresh init
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name and not name.endswith("bias") else 0.0, 0.1)
+    with torch.no_grad():  # a fixture that cannot run its own forward pass would test nothing
+        model(input_ids=torch.arange(3, 11).unsqueeze(0), use_cache=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,96 @@
+"""Plant the defects verify exists to catch; each must fail with one line naming it. The expected
+tensors come from the base, the plan and the model class, so rewriting the manifest cannot hide them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from helpers import assert_one_line_error, dus
+
+
+@pytest.fixture
+def upscaled(tiny_models, tmp_path_factory):
+    """family, method -> a fresh copy of a verified upscale (m = 2)."""
+    root = tmp_path_factory.mktemp("defects")
+
+    def make(family: str, method: str = "solar"):
+        recipe = root / f"{family}-{method}.yml"
+        out = root / f"{family}-{method}"
+        if not out.exists():
+            assert dus("plan", tiny_models[family], "--drop", 2, "--method", method, "-o", recipe).exit_code == 0
+            assert dus("upscale", recipe, out, "-q").exit_code == 0
+        copy = root / f"{family}-{method}-{len(list(root.iterdir()))}"
+        shutil.copytree(out, copy)
+        return copy
+
+    return make
+
+
+def _rewrite(folder, change):
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_a_missing_layer_fails(upscaled):
+    out = upscaled("llama")
+    _rewrite(out, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("model.layers.9.")]])
+    assert_one_line_error(dus("verify", out, "-q", "--no-forward"), "model.layers.9.", "missing")
+
+
+def test_two_swapped_layers_fail(upscaled):
+    out = upscaled("llama")
+
+    def swap(t):
+        for k in [k for k in t if k.startswith("model.layers.2.")]:
+            other = k.replace("layers.2.", "layers.3.")
+            t[k], t[other] = t[other].clone(), t[k].clone()
+
+    _rewrite(out, swap)
+    # the manifest's hashes are rewritten to match, as a buggy engine would write them
+    man = json.loads((out / "dus_manifest.json").read_text())
+    for entry in man["tensors"].values():
+        entry.pop("sha256", None)
+    (out / "dus_manifest.json").write_text(json.dumps(man))
+    assert_one_line_error(dus("verify", out, "-q", "--no-forward"), "model.layers.2.", "not the copy of")
+
+
+def test_a_per_layer_list_extended_by_index_fails(upscaled):
+    out = upscaled("gemma3")
+    cfg = json.loads((out / "config.json").read_text())
+    s = cfg["num_hidden_layers"]
+    cfg["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(s)]
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(dus("verify", out, "-q", "--no-forward"), "layer_types")
+
+
+def test_an_unzeroed_projection_fails(upscaled, tiny_models):
+    out = upscaled("llama", "identity")
+    base = load_file(tiny_models["llama"] / "model.safetensors")
+    # output layer 6 is the second copy of base layer 2 (layers [0,6) + [2,8)): identity zeroes its o_proj
+    _rewrite(out, lambda t: t.update({"model.layers.6.self_attn.o_proj.weight":
+                                      base["model.layers.2.self_attn.o_proj.weight"].clone()}))
+    assert_one_line_error(dus("verify", out, "-q", "--no-forward"), "model.layers.6.self_attn.o_proj.weight",
+                          "zeroed copy")
+
+
+def test_a_random_filled_layer_fails_the_load(upscaled):
+    """Falcon's bug: a config with more layers than the weights hold loads with random weights."""
+    out = upscaled("llama")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["num_hidden_layers"] += 2
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(dus("verify", out, "-q"), "num_hidden_layers")
+
+
+def test_manifest_rewrite_cannot_hide_a_wrong_source(upscaled):
+    out = upscaled("llama")
+    man = json.loads((out / "dus_manifest.json").read_text())
+    man["tensors"]["model.layers.6.self_attn.q_proj.weight"]["source"] = "model.layers.3.self_attn.q_proj.weight"
+    (out / "dus_manifest.json").write_text(json.dumps(man))
+    assert dus("verify", out, "-q", "--no-forward").exit_code == 0  # the bytes are right: the manifest does not decide

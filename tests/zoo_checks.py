@@ -1,0 +1,88 @@
+"""The zoo test's independent checks: plain transformers and safetensors, none of dus's own comparisons."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+IDS = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def load_clean(folder: Path):
+    """The model, refusing any missing, unexpected or mismatched key."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
+    assert not bad, bad
+    return model.eval()
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def stacked_reference(base, out_config, prefix: str, layer_map: list[int]):
+    """The base's own layer modules, stacked by the layer map, under the upscaled config: each copy
+    keeps the module its source layer was built as; its position attributes follow its new index."""
+    ref = copy.deepcopy(base)
+    path = prefix.rstrip(".")
+    layers = ref.get_submodule(path)
+    new = torch.nn.ModuleList([copy.deepcopy(layers[s]) for s in layer_map])
+    for i, layer in enumerate(new):
+        for mod in layer.modules():
+            for attr in ("layer_idx", "layer_id", "layer_index"):
+                if isinstance(getattr(mod, attr, None), int):
+                    setattr(mod, attr, i)
+    parent_path, _, leaf = path.rpartition(".")
+    setattr(ref.get_submodule(parent_path) if parent_path else ref, leaf, new)
+    for mod in ref.modules():
+        if getattr(mod, "config", None) is not None and type(mod.config) is type(out_config):
+            mod.config = out_config
+    return ref.eval()
+
+
+def tensors_follow_map(out: Path, base: Path, prefix: str, layer_map: list[int], zeroed: set[str]) -> None:
+    """Every output tensor equals its source (or is zero where the identity method zeroes it)."""
+    from safetensors.torch import load_file
+
+    def read(folder):
+        d = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            d.update(load_file(f))
+        return d
+
+    got, src = read(out), read(base)
+
+    def source(name):
+        if not name.startswith(prefix):
+            return name
+        i, _, rest = name[len(prefix):].partition(".")
+        return f"{prefix}{layer_map[int(i)]}.{rest}"
+
+    expected = {n for n in src if not n.startswith(prefix)} | {
+        f"{prefix}{i}.{n[len(prefix):].partition('.')[2]}" for i, s in enumerate(layer_map)
+        for n in src if n.startswith(f"{prefix}{s}.")}
+    assert set(got) == expected, sorted(set(got) ^ expected)[:5]
+    for name, t in got.items():
+        want = src[source(name)]
+        if name in zeroed:
+            assert torch.count_nonzero(t) == 0, name
+        else:
+            assert torch.equal(t, want), name
+
+
+def per_layer_lists_follow_map(out: Path, base: Path, layer_map: list[int]) -> None:
+    cfg, base_cfg = (json.loads((f / "config.json").read_text()) for f in (out, base))
+    n = len(set(layer_map)) if max(layer_map) + 1 == len(set(layer_map)) else max(layer_map) + 1
+    from dus_plugin.configfix import LAYER_INDEX_KEYS
+
+    for key, value in base_cfg.items():
+        if key in LAYER_INDEX_KEYS and isinstance(value, list):
+            assert cfg[key] == [i for i, s in enumerate(layer_map) if s in set(value)], key
+        elif isinstance(value, list) and len(value) == n and "layer" in key:
+            assert cfg[key] == [value[s] for s in layer_map], key
