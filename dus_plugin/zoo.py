@@ -87,7 +87,7 @@ def make_zoo_model(model_type: str, path: str | Path, tokenizer, seed: int = 0) 
             if "norm" in name or name.endswith("bias"):
                 p.normal_(1.0 if "norm" in name and not name.endswith("bias") else 0.0, 0.1)
     with torch.no_grad():  # a fixture that cannot run its own forward pass would test nothing
-        model(input_ids=torch.arange(3, 11).unsqueeze(0), use_cache=False)
+        model(input_ids=torch.arange(3, 27).unsqueeze(0) % cfg.vocab_size, use_cache=False)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -82,6 +82,8 @@ def per_layer_lists_follow_map(out: Path, base: Path, layer_map: list[int]) -> N
     from dus_plugin.configfix import LAYER_INDEX_KEYS
 
     for key, value in base_cfg.items():
+        if key == "mlp_only_layers" and (base_cfg.get("decoder_sparse_step") or 1) > 1:
+            continue  # rewritten as step 1 plus an explicit list; the stacked-reference logits check it
         if key in LAYER_INDEX_KEYS and isinstance(value, list):
             assert cfg[key] == [i for i, s in enumerate(layer_map) if s in set(value)], key
         elif isinstance(value, list) and len(value) == n and "layer" in key:
