@@ -74,8 +74,7 @@ class LayerStack:
 
     def rename(self, name: str, index: int) -> str:
         """The tensor's name in layer ``index``."""
-        head, _, rest = name[len(self.prefix):].partition(".")
-        return f"{self.prefix}{index}.{rest}"
+        return f"{self.prefix}{index}.{self.relative(name)}"
 
     def relative(self, name: str) -> str:
         """The tensor's name inside its layer (``self_attn.o_proj.weight``)."""
@@ -322,14 +321,6 @@ def _show(v: Any) -> str:
     return str(v[0]) if isinstance(v, tuple) and len(v) == 1 else str(v)
 
 
-def _set_path(config: dict, dotted: str, value: Any) -> None:
-    *path, last = dotted.split(".")
-    obj = config
-    for part in path:
-        obj = obj[part]
-    obj[last] = value
-
-
 def upscaled_config(config: Mapping[str, Any], layer_map: Sequence[int], check: bool = True) -> dict[str, Any]:
     """The output config.json dict: layer count s, every per-layer setting by the layer map.
 
@@ -403,8 +394,8 @@ def check_layers(base_config: Mapping[str, Any], out_config: Mapping[str, Any], 
 
     n = num_layers(base_config)
     base, out = meta_model(base_config), meta_model(out_config)
-    src_layers = _get_module(base, find_stack(base, n))
-    out_layers = _get_module(out, find_stack(out, len(layer_map)))
+    src_layers = base.get_submodule(find_stack(base, n))
+    out_layers = out.get_submodule(find_stack(out, len(layer_map)))
     cache: dict[int, list[tuple]] = {}
     for i, s in enumerate(layer_map):
         want = cache.setdefault(s, layer_signature(src_layers[s], n))
@@ -414,15 +405,11 @@ def check_layers(base_config: Mapping[str, Any], out_config: Mapping[str, Any], 
                 f"output layer {i} copies base layer {s}, but its config would build it differently "
                 f"({first_difference(got, want)}); {type(base).__name__}'s config cannot express this layer map: "
                 "choose another --drop or --layers")
-    _check_index_settings(base_config, out_config)
+    _check_index_settings(base_config)
 
 
-def _check_index_settings(base_config: Mapping[str, Any], out_config: Mapping[str, Any]) -> None:
+def _check_index_settings(base_config: Mapping[str, Any]) -> None:
     """Settings that change behaviour by layer index at run time, where no layer module shows it."""
     if get_path(base_config, "scale_attn_by_inverse_layer_idx"):
         raise PlanError("scale_attn_by_inverse_layer_idx is set: attention is scaled by 1/(layer index + 1) at run "
                         "time, so a copied layer would compute differently at its new depth; DUS cannot preserve it")
-
-
-def _get_module(model: Any, path: str) -> Any:
-    return model.get_submodule(path)

@@ -186,7 +186,7 @@ def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], 
 
 
 def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Path, shard_bytes: int,
-                 quiet: bool = False) -> dict[str, str]:
+                 stack: LayerStack, quiet: bool = False) -> dict[str, str]:
     """Write weights, config, tokenizer and mergekit_config.yml into ``tmp``; return tensor hashes.
 
     The config is built by transformers in a thread while the tensors stream: the copy loop
@@ -197,9 +197,6 @@ def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Pa
 
     from tqdm import tqdm
 
-    from dus_plugin.architecture import layer_stack
-
-    stack = layer_stack(base.config)
     tensors = plan_tensors(recipe, base_dir, recipe.out_dtype or recipe.dtype, stack)
     shards = shard(tensors, shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else

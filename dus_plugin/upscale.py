@@ -80,7 +80,8 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
-        base_dir, engine, hashes = _run_engine(recipe, recipe_path.read_text(encoding="utf-8"), base, tmp, options)
+        base_dir, engine, hashes = _run_engine(recipe, recipe_path.read_text(encoding="utf-8"), base, stack, tmp,
+                                               options)
         manifest = build_manifest(recipe, recipe_path, base, base_dir, tmp, stack, quiet=options.quiet, hashes=hashes)
         manifest["engine"] = engine
         write_manifest(tmp, manifest)
@@ -121,7 +122,7 @@ def _check_vocab(recipe: Recipe, base: BaseModel, where: str) -> None:
             "(mergekit then copies the tokenizer unchanged)")
 
 
-def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path,
+def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, stack: LayerStack, tmp: Path,
                 options: UpscaleOptions) -> tuple[Path, str, dict[str, str] | None]:
     """(base folder, engine used, tensor hashes if the engine computed them)."""
     from dus_plugin.io import parse_size
@@ -139,7 +140,7 @@ def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, tmp: Path,
     if why is None:
         LOG.info("streaming the plan tensor by tensor (pure passthrough)")
         return base_dir, "stream", stream_merge(recipe, recipe_text, base, base_dir, tmp,
-                                                parse_size(options.shard_size), options.quiet)
+                                                parse_size(options.shard_size), stack, options.quiet)
     if options.engine == "stream":
         raise RecipeError(f"--engine stream cannot run this recipe: {why}; use --engine auto or mergekit")
     from dus_plugin.source import mergekit_architectures
