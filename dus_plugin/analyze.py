@@ -12,16 +12,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dus_plugin.errors import DusError
+from dus_plugin.errors import AnalyzeError, DusError
 
 
 SCOPE = ("the relative seam cost predicts the loss right after upscaling, not after continued pretraining: in "
          "docs/reproduction.md's ablation every m was back at the base's loss within 1.3M tokens and the final "
          "loss followed depth (m = 4 best, m = 12 worst); choose m for the size you want when T is fixed")
-
-
-class AnalyzeError(DusError, ValueError):
-    """The analysis input is unusable."""
 
 
 @dataclass

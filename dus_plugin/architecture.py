@@ -404,7 +404,7 @@ def check_layers(base_config: Mapping[str, Any], out_config: Mapping[str, Any], 
             raise PlanError(
                 f"output layer {i} copies base layer {s}, but its config would build it differently "
                 f"({first_difference(got, want)}); {type(base).__name__}'s config cannot express this layer map: "
-                "choose another --drop or --layers")
+                "choose another drop or layer list")
     _check_index_settings(base_config)
 
 

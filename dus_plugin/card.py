@@ -12,8 +12,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dus_plugin.errors import DusError
-from dus_plugin.manifest import read_manifest
+import yaml
+
+from dus_plugin.errors import CardError, DusError
+from dus_plugin.manifest import Manifest, TrainStage, manifest_sha256
 
 LOG = logging.getLogger(__name__)
 
@@ -39,10 +41,6 @@ TASK_DATASETS = {
 STAGE_ORDER = {"base": 0, "upscaled": 1, "trained": 2}
 
 
-class CardError(DusError, ValueError):
-    """The card cannot be written (no manifest, unreadable result file)."""
-
-
 def _results(folder: Path, extra: list[Path]) -> list[dict[str, Any]]:
     from dus_plugin.eval.results import load_result
 
@@ -57,10 +55,7 @@ def _results(folder: Path, extra: list[Path]) -> list[dict[str, Any]]:
 
 
 def _own_result(results: list[dict[str, Any]], folder: Path, stage: str) -> dict[str, Any] | None:
-    import hashlib
-
-    manifest = folder / "dus_manifest.json"
-    sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    sha = manifest_sha256(folder)
     return next((r for r in results if r.get("manifest_sha256") == sha), None) or \
         next((r for r in results if r.get("stage") == stage), None)
 
@@ -87,11 +82,11 @@ def eval_results(result: dict[str, Any] | None, model_name: str):
     return out or None
 
 
-def _base_license(manifest: dict[str, Any]) -> str | None:
+def _base_license(manifest: Manifest) -> str | None:
     from huggingface_hub import ModelCard
 
-    readme = Path(manifest["base"].get("local_path") or "/nonexistent") / "README.md"
-    if not readme.is_file():
+    readme = Path(manifest.base.local_path or "/nonexistent") / "README.md" if manifest.base else None
+    if readme is None or not readme.is_file():
         return None
     try:
         return ModelCard.load(readme).data.license
@@ -99,70 +94,138 @@ def _base_license(manifest: dict[str, Any]) -> str | None:
         return None
 
 
+def default_title(manifest: Manifest, base_id: str | None) -> str:
+    """'Mistral-7B-v0.1 depth up-scaled to 48 layers (10.73B)': what the model is, for a Hub reader."""
+    from dus_plugin.plan import human_count
+
+    if base_id:
+        name = base_id.split("/")[-1]
+    else:
+        model_type = (manifest.base.config.get("model_type") if manifest.base else None) or "model"
+        n = manifest.plan.n if manifest.plan else (manifest.base.config.get("num_hidden_layers") if manifest.base else "")
+        name = f"A {n}-layer {model_type}".replace("A -layer", "A")
+    if manifest.plan is None:
+        return f"{name}, continued pretraining"
+    size = f" ({human_count(manifest.plan.params_after)})" if manifest.plan.params_after else ""
+    return f"{name} depth up-scaled to {manifest.plan.s} layers{size}"
+
+
 def build_card(folder: str | Path, base_model: str | None = None, license: str | None = None,
                datasets: list[str] | None = None, title: str | None = None, results: list[Path] = ()):
-    """The ModelCard for ``folder`` (an upscaled or trained folder with dus_manifest.json)."""
+    """The ModelCard for ``folder`` (an upscaled or trained folder with dus_manifest.json).
+
+    The recipe files the card's commands name are written beside it, so they work from the pushed folder.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
     try:
-        manifest = read_manifest(folder)
+        manifest = Manifest.read(folder)
     except DusError as e:
         raise CardError(str(e)) from None
-    train = next((s for s in reversed(manifest.get("stages", [])) if s["stage"] == "train"), None)
-    stage = "trained" if train else "upscaled"
-    base_id = base_model or manifest["base"].get("hub_id")
+    train = manifest.last_train
+    base_id = base_model or (manifest.base.hub_id if manifest.base else None)
     if base_id is None:
-        LOG.warning("base %s is a local folder, so the card cannot link it: pass --base-model HUB_ID to dus card, "
-                    "or set base_model_id in a dus run recipe", manifest["base"]["ref"])
-    plan = manifest["plan"]
-    title = title or f"{(base_id or manifest['base']['ref']).split('/')[-1]} DUS {plan['s']} layers"
+        LOG.warning("the base is a local folder, so the card cannot link it: set `base_model` (its Hub id)")
+    title = title or default_title(manifest, base_id)
     all_results = _results(folder, list(results))
     if datasets is None and train:
-        datasets = [s["path"][3:] for s in train["config"]["data"]["sources"] if s["path"].startswith("hf:")] or None
+        datasets = [s["path"][3:] for s in train.config["data"]["sources"] if s["path"].startswith("hf:")] or None
     data = ModelCardData(
         base_model=base_id, license=license or _base_license(manifest), datasets=datasets,
         library_name="transformers", pipeline_tag="text-generation", model_name=title,
-        tags=["mergekit", "merge", "depth-up-scaling"] + (["continued-pretraining"] if train else []),
-        eval_results=eval_results(_own_result(all_results, folder, stage), title),
+        tags=(["mergekit", "merge", "depth-up-scaling"] if manifest.plan else []) +
+             (["continued-pretraining"] if train else []),
+        eval_results=eval_results(_own_result(all_results, folder, "trained" if train else "upscaled"), title),
         base_model_relation="finetune" if train else "merge",
     )
-    body = _body(title, manifest, plan, base_id, train, all_results, folder)
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    files = _recipe_files(folder, manifest, base_id)
+    body = _body(title, manifest, base_id, all_results, folder, files)
+    return ModelCard(_redact(f"---\n{data.to_yaml()}\n---\n\n{body}", _local_paths(folder, manifest)))
 
 
-def _body(title: str, manifest: dict, plan: dict, base_id: str | None, train: dict | None,
-          results: list[dict], folder: Path) -> str:
-    from dus_plugin.eval.results import compare_table
-    from dus_plugin.plan import human_count
+RECIPE_FILE = "dus_recipe.yml"
+TRAIN_FILE = "dus_train.yml"
+BASE_PLACEHOLDER = "BASE_MODEL_HUB_ID"
 
-    base_link = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{manifest['base']['ref']}`"
-    lines = [f"# {title}", "",
-             f"A depth up-scaled (DUS) version of {base_link}, made as SOLAR 10.7B was made from Mistral 7B "
-             f"(Kim et al., arXiv:2312.15166): the {plan['n']}-layer base stacked on itself into {plan['s']} layers"
-             + (f", dropping m = {plan['m']} layers at the seam of each copy" if plan.get("m") else "")
-             + (", then continued pretraining." if train else ". **Not trained after the merge**: the seam costs "
-                "quality until continued pretraining heals it."), "",
-             "## Depth up-scaling", "",
-             f"- base layers n = {plan['n']}, overlap m = {plan.get('m') or '—'}, output layers s = {plan['s']}",
-             f"- method: `{manifest.get('method', 'solar')}`"
-             + (" (output projections of the duplicated copies zeroed: the stack starts as the base's function)"
-                if manifest.get("method") == "identity" else ""),
-             f"- seam after output layer {plan['seam'][0] - 1}" if plan.get("seam") else "- no seam",
-             ]
-    if "params_before" in plan:
-        lines.append(f"- parameters: {human_count(plan['params_before'])} → {human_count(plan['params_after'])}")
-    lines += ["", "| output layers | copied from base layers |", "|---|---|"]
-    out = 0
-    for a, b in plan["slices"]:
-        lines.append(f"| {out}–{out + b - a - 1} | {a}–{b - 1} |")
-        out += b - a
-    lines += ["", "## Reproduce", "", "The mergekit recipe (stock `passthrough`):", "", "```yaml",
-              manifest.get("recipe_yaml", "").strip(), "```", "", "```bash", "pip install dus-plugin",
-              f"dus upscale {manifest.get('recipe_file', 'recipe.yml')} out/   # mergekit + per-layer config fix + verification"]
+
+def _recipe_files(folder: Path, manifest: Manifest, base_id: str | None) -> dict[str, str]:
+    """The mergekit recipe and training config as a reader can run them: the base named by its Hub id, the
+    model and output folders relative to where the commands run. {file name: text}, also written to ``folder``."""
+    from dus_plugin.io import atomic_write_text
+
+    files: dict[str, str] = {}
+    if manifest.recipe_yaml and manifest.base:
+        text = manifest.recipe_yaml
+        for local in {manifest.base.ref, manifest.base.local_path} - {None, base_id}:
+            text = text.replace(str(local), base_id or BASE_PLACEHOLDER)
+        files[RECIPE_FILE] = text
+    if manifest.last_train:
+        config = dict(manifest.last_train.config)
+        config.update(model="upscaled" if manifest.plan else (base_id or BASE_PLACEHOLDER), output_dir="trained")
+        config["data"] = {**config["data"], "sources": [
+            {**src, "path": src["path"] if src["path"].startswith("hf:") else Path(src["path"]).name}
+            for src in config["data"]["sources"]]}
+        config["data"].pop("cache_dir", None)
+        if config.get("eval", {}).get("text_files"):
+            config["eval"] = {**config["eval"], "text_files": [Path(f).name for f in config["eval"]["text_files"]]}
+        files[TRAIN_FILE] = yaml.safe_dump(config, sort_keys=False)
+    for name, text in files.items():
+        atomic_write_text(folder / name, text)
+    return files
+
+
+def _local_paths(folder: Path, manifest: Manifest) -> list[str]:
+    """Paths of the machine the card is written on; none of them may reach a Hub reader."""
+    paths = {str(folder.absolute()), str(Path.cwd()), str(Path.home())}
+    if manifest.base:
+        paths |= {manifest.base.local_path or "", manifest.base.ref if Path(manifest.base.ref).is_absolute() else ""}
+    train = manifest.last_train
     if train:
-        lines.append("dus train cpt.yml                 # the training config summarised below")
+        paths.add(train.from_ or "")
+        paths |= {str(Path(s["path"]).parent) for s in train.config["data"]["sources"] if "/" in s["path"]}
+    return sorted((p for p in paths if len(p) > 1), key=len, reverse=True)
+
+
+def _redact(text: str, paths: list[str]) -> str:
+    """Each local path becomes its last part (longest first, so a parent never splits a child)."""
+    for p in paths:
+        text = text.replace(p + "/", "").replace(p, Path(p).name)
+    return text
+
+
+def install_line() -> str:
+    """How to install this dus-plugin, truthfully: from its repository until it is on the package index."""
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        urls = metadata("dus-plugin").get_all("Project-URL") or []
+    except PackageNotFoundError:
+        urls = []
+    repo = next((u.split(",", 1)[1].strip() for u in urls if u.lower().startswith(("repository", "source"))), None)
+    if repo:
+        return f"pip install 'dus-plugin @ git+{repo}'"
+    return "# dus-plugin is not on PyPI yet: clone its repository, then: pip install -c constraints.txt ."
+
+
+def _body(title: str, manifest: Manifest, base_id: str | None, results: list[dict], folder: Path,
+          files: dict[str, str]) -> str:
+    from dus_plugin.eval.results import compare_table
+
+    train = manifest.last_train
+    lines = [f"# {title}", ""] + _summary(manifest, base_id) + [""]
+    if manifest.plan:
+        lines += _dus_section(manifest)
+    lines += ["## Reproduce", "", "```bash", install_line()]
+    if RECIPE_FILE in files:
+        lines.append(f"dus upscale {RECIPE_FILE} upscaled/   # the merge, checked tensor by tensor")
+    if TRAIN_FILE in files:
+        lines.append(f"dus train {TRAIN_FILE}              # continued pretraining, as summarised below")
     lines += ["```", ""]
+    if BASE_PLACEHOLDER in "".join(files.values()):
+        lines += [f"Replace `{BASE_PLACEHOLDER}` with the base's Hub id: this model was made from a local copy.", ""]
+    for name, text in files.items():
+        lines += [f"`{name}` (in this repository):", "", "```yaml", text.strip(), "```", ""]
     if train:
         lines += _train_section(train, folder)
     if results:
@@ -170,22 +233,56 @@ def _body(title: str, manifest: dict, plan: dict, base_id: str | None, train: di
         if any("mmlu" in r.get("tasks", {}) for r in results):
             lines += ["MMLU is the equal-weight average over its 57 subjects, as the Open LLM Leaderboard v1 "
                       "reported it; H6 is the mean of the six task scores.", ""]
-    v = manifest.get("versions", {})
+    v = manifest.versions
     lines += ["## Provenance", "",
               f"Made with dus-plugin {v.get('dus_plugin', '?')}, mergekit {v.get('mergekit', '?')}, "
-              f"transformers {v.get('transformers', '?')} on {manifest.get('created', '?')[:10]}"
-              + (f"; base revision `{manifest['base']['revision']}`" if manifest["base"].get("revision") else "") + ".",
-              "", "## Citation", "", "```bibtex", CITATION, "```", ""]
+              f"transformers {v.get('transformers', '?')} on {(manifest.created or '?')[:10]}"
+              + (f"; base revision `{manifest.base.revision}`" if manifest.base and manifest.base.revision else "")
+              + ".", "", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
 
 
-def _train_section(train: dict, folder: Path) -> list[str]:
-    c = train["config"]
+def _summary(manifest: Manifest, base_id: str | None) -> list[str]:
+    base_link = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "a local base model"
+    train = manifest.last_train
+    plan = manifest.plan
+    if plan is None:
+        return [f"Continued pretraining of {base_link} (no depth up-scaling)."]
+    return [f"A depth up-scaled (DUS) version of {base_link}, made as SOLAR 10.7B was made from Mistral 7B "
+            f"(Kim et al., arXiv:2312.15166): the {plan.n}-layer base stacked on itself into {plan.s} layers"
+            + (f", dropping m = {plan.m} layers at the seam of each copy" if plan.m else "")
+            + (", then continued pretraining." if train else ". **Not trained after the merge**: the seam costs "
+               "quality until continued pretraining heals it.")]
+
+
+def _dus_section(manifest: Manifest) -> list[str]:
+    from dus_plugin.plan import human_count
+
+    plan = manifest.plan
+    lines = ["## Depth up-scaling", "",
+             f"- base layers n = {plan.n}, overlap m = {plan.m or '—'}, output layers s = {plan.s}",
+             f"- method: `{manifest.method}`"
+             + (" (output projections of the duplicated copies zeroed: the stack starts as the base's function)"
+                if manifest.method == "identity" else ""),
+             f"- seam after output layer {plan.seam[0] - 1}" if plan.seam else "- no seam"]
+    if plan.params_before is not None and plan.params_after is not None:
+        lines.append(f"- parameters: {human_count(plan.params_before)} → {human_count(plan.params_after)}")
+    lines += ["", "| output layers | copied from base layers |", "|---|---|"]
+    out = 0
+    for a, b in plan.slices:
+        lines.append(f"| {out}–{out + b - a - 1} | {a}–{b - 1} |")
+        out += b - a
+    return lines + [""]
+
+
+def _train_section(train: TrainStage, folder: Path) -> list[str]:
+    c = train.config
     sched = c.get("schedule", {})
     seam = c.get("seam", {})
-    sources = ", ".join(f"`{s['path']}` (weight {s.get('weight', 1)})" for s in c["data"]["sources"])
+    sources = ", ".join(f"`{s['path'] if s['path'].startswith('hf:') else Path(s['path']).name}` "
+                        f"(weight {s.get('weight', 1)})" for s in c["data"]["sources"])
     lines = ["## Continued pretraining", "",
-             f"- tokens seen: {train['tokens']:,} in {train['steps']:,} steps "
+             f"- tokens seen: {train.tokens:,} in {train.steps:,} steps "
              f"(global batch {c['global_batch_size']} × {c['data']['seq_len']} tokens)",
              f"- optimizer: AdamW, peak LR {c['optimizer']['lr']}, weight decay {c['optimizer']['weight_decay']}, "
              f"{sched.get('kind', 'cosine')} schedule with {sched.get('warmup_steps', 0)} warmup steps; "
@@ -194,8 +291,8 @@ def _train_section(train: dict, folder: Path) -> list[str]:
              ]
     if seam.get("focus", "none") != "none":
         lines.append(f"- seam: only the `{seam['focus']}` layers trained for the first {seam['focus_steps']} steps")
-    if train.get("val_loss") is not None:
-        lines.append(f"- final train loss {train['loss']:.4f}, validation loss {train['val_loss']:.4f}")
+    if train.val_loss is not None and train.loss is not None:
+        lines.append(f"- final train loss {train.loss:.4f}, validation loss {train.val_loss:.4f}")
     if (folder / "loss_curve.png").is_file():
         lines += ["", "![loss curve](loss_curve.png)"]
     return lines + [""]

@@ -12,7 +12,10 @@ from typing import Any, Callable
 
 import click
 
-from dus_plugin.errors import DusError
+from dus_plugin.errors import DusError, Interrupted
+from dus_plugin.options import for_command, model_options, pop_model
+from dus_plugin.planning import PlanOptions
+from dus_plugin.upscale import EngineOptions
 
 LOG = logging.getLogger("dus_plugin")
 
@@ -33,11 +36,14 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _quiet_libraries()
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(f"interrupted: {for_command(e)}", err=True)
+            sys.exit(130)
         except DusError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {for_command(e)}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
-            click.echo("interrupted; nothing was left in the output folder", err=True)
+            click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
@@ -58,37 +64,25 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("base")
-@click.option("--drop", "-m", "drop", type=int, default=None, help="Overlap m: layers dropped per copy [default: n/4].")
-@click.option("--layers", default=None, help="Explicit stacking instead of --drop, e.g. 0:24,8:32 or 0,1,2,2,3.")
-@click.option("--method", type=click.Choice(["solar", "identity"]), default="solar", show_default=True,
-              help="identity: zero the output projections of duplicated copies (the base's function at step 0).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Output dtype [default: the base's].")
-@click.option("--revision", default=None, help="Hub revision of BASE.")
-@click.option("--tokenizer-source", type=click.Choice(["auto", "base", "copy"]), default="auto", show_default=True,
-              help="base: `tokenizer_source: base` in the YAML; copy: omit it (mergekit copies the tokenizer files); "
-                   "auto: base unless the base pads its vocabulary beyond its tokenizer.")
+@model_options(PlanOptions, short={"drop": "-m"})
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the mergekit YAML here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_handle_errors
-def plan(base: str, drop: int | None, layers: str | None, method: str, dtype: str | None, revision: str | None,
-         tokenizer_source: str, output: Path | None, as_json: bool) -> None:
+def plan(base: str, output: Path | None, as_json: bool, **options: Any) -> None:
     """Plan a DUS of BASE (folder or Hub id): print the layer map, write stock mergekit YAML."""
     from dus_plugin.plan import format_layer_map
-    from dus_plugin.planning import PlanOptions, make_recipe
+    from dus_plugin.planning import make_recipe
 
-    if drop is not None and layers is not None:
-        raise click.UsageError("--drop and --layers are alternatives; give one")
-    planned = make_recipe(base, PlanOptions(drop=drop, layers=layers, method=method, dtype=dtype, revision=revision,
-                                            tokenizer_source=tokenizer_source))
+    plan_options = pop_model(PlanOptions, options)
+    planned = make_recipe(base, plan_options)
     click.echo(json.dumps(planned.plan.to_dict(), indent=2) if as_json else format_layer_map(planned.plan))
     for note in planned.notes:
         click.echo(f"note: {note}", err=True)
     if output is not None:
         from dus_plugin.io import atomic_write_text
 
-        atomic_write_text(output, planned.render(method, command=["dus", *sys.argv[1:]]))
+        atomic_write_text(output, planned.render(plan_options.method, command=["dus", *sys.argv[1:]]))
         click.echo(f"wrote {output}", err=True)
 
 
@@ -96,26 +90,26 @@ def plan(base: str, drop: int | None, layers: str | None, method: str, dtype: st
 @click.argument("config", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is not empty (only once the new one is complete).")
-@click.option("--shard-size", default="5B", show_default=True,
-              help="Output shard size in bytes (5B = 5e9 bytes; mergekit counts bytes too).")
-@click.option("--engine", type=click.Choice(["auto", "stream", "mergekit"]), default="auto", show_default=True,
-              help="stream: copy tensors by byte range at disk speed (pure passthrough plans); mergekit: its engine; "
-                   "auto: stream when the plan allows.")
+@click.option("--base-model-id", default=None, help="The base's Hub id, for the card, when the recipe reads a local copy.")
+@model_options(EngineOptions)
 @click.option("--no-verify", is_flag=True, help="Skip the tensor-by-tensor check against the base.")
 @click.option("--no-forward", is_flag=True, help="Verify tensors but skip loading the model for a forward pass.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
-def upscale(config: Path, out: Path, overwrite: bool, shard_size: str, engine: str, no_verify: bool,
-            no_forward: bool, quiet: bool) -> None:
-    """Run recipe CONFIG with mergekit into OUT, write dus_manifest.json and verify."""
+def upscale(config: Path, out: Path, overwrite: bool, base_model_id: str | None, no_verify: bool, no_forward: bool,
+            quiet: bool, **options: Any) -> None:
+    """Run recipe CONFIG into OUT, write dus_manifest.json and verify."""
+    from dus_plugin.errors import RecipeError
     from dus_plugin.upscale import UpscaleOptions
     from dus_plugin.upscale import upscale as run
+    from dus_plugin.validation import validated
 
-    m = run(config, out, UpscaleOptions(overwrite=overwrite, shard_size=shard_size, verify=not no_verify,
-                                       forward=not no_forward, quiet=quiet, engine=engine))
-    p = m["plan"]
-    click.echo(f"upscaled {m['base']['ref']}: {p['n']} -> {p['s']} layers ({m['method']}, {m['engine']} engine), "
-               f"{len(m['tensors'])} tensors{'' if no_verify else ', verified'} -> {out}")
+    engine = pop_model(EngineOptions, options)
+    options = validated(UpscaleOptions, RecipeError, **engine.model_dump(), overwrite=overwrite, verify=not no_verify,
+                        forward=not no_forward, quiet=quiet, base_model_id=base_model_id)
+    m = run(config, out, options)
+    click.echo(f"upscaled {m.base.ref}: {m.plan.n} -> {m.plan.s} layers ({m.method}, {m.engine} engine), "
+               f"{len(m.tensors or {})} tensors{'' if no_verify else ', verified'} -> {out}")
 
 
 @main.command()
@@ -139,15 +133,18 @@ def verify(out: Path, base: str | None, no_forward: bool, quiet: bool) -> None:
 @main.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start over in an output folder that has checkpoints (removes them).")
 @click.option("--stop-after", type=int, default=None, metavar="N", help="Stop after step N with a checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_handle_errors
-def train(config: Path, resume: bool, stop_after: int | None, quiet: bool) -> None:
+def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, quiet: bool) -> None:
     """Continued pretraining in one process (for several: accelerate launch -m dus_plugin.train)."""
     from dus_plugin.train.config import load_train_config
     from dus_plugin.train.loop import train as run
 
-    r = run(load_train_config(config), resume=resume, quiet=quiet, stop_after=stop_after)
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite are alternatives; give one")
+    r = run(load_train_config(config), resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite)
     click.echo(r.summary())
 
 
@@ -217,14 +214,17 @@ def card(folder: Path, base_model: str | None, license_: str | None, datasets: t
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", default=None, help="Branch to push to [default: main]; created if missing.")
 @click.option("--message", default=None, help="Commit message [default: names the recipe].")
-@click.option("--dry-run", is_flag=True, help="List what would be uploaded and its size; upload nothing.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded and its size; change nothing.")
+@click.option("--allow-unlinked", is_flag=True, help="Push even though the card names no base_model.")
 @_handle_errors
-def push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str | None, dry_run: bool) -> None:
+def push(folder: Path, repo_id: str, private: bool, revision: str | None, message: str | None, dry_run: bool,
+         allow_unlinked: bool) -> None:
     """Verify FOLDER and upload it (weights, card, results) to the Hub in one commit."""
     from dus_plugin.hub import push as run
     from dus_plugin.plan import human_count
 
-    r = run(folder, repo_id, private=private, revision=revision, dry_run=dry_run, message=message)
+    r = run(folder, repo_id, private=private, revision=revision, dry_run=dry_run, message=message,
+            allow_unlinked=allow_unlinked)
     if dry_run:
         for path, size in r.files:
             click.echo(f"{size:>14,}  {path}")
@@ -266,17 +266,21 @@ def analyze(base: Path, texts: tuple[Path, ...], max_length: int, windows: int, 
 @click.option("--push", "do_push", is_flag=True, help="Also push the trained folder (push.repo_id in the recipe).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field, dotted, value as YAML (repeatable): --set train.max_steps=20")
+@click.option("--restart", is_flag=True, help="Redo training too when the recipe changed (its output is removed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars (stage lines stay).")
 @_handle_errors
-def run_(recipe: Path | None, do_push: bool, sets: tuple[str, ...], quiet: bool) -> None:
+def run_(recipe: Path | None, do_push: bool, sets: tuple[str, ...], restart: bool, quiet: bool) -> None:
     """Plan, upscale, evaluate, train, evaluate, card (and push): the whole recipe, resumable.
     Without RECIPE: the quickstart recipe shipped with the package (configs/quickstart.yml), on a
     32-layer base that ships with it too."""
     from dus_plugin.pipeline import default_recipe, parse_overrides, run
 
-    table = run(recipe or default_recipe(), push=do_push, quiet=quiet, echo=click.echo,
-                overrides=parse_overrides(sets))
-    click.echo("\n" + table)
+    result = run(recipe or default_recipe(), push=do_push, quiet=quiet, echo=click.echo,
+                 overrides=parse_overrides(sets), restart=restart)
+    click.echo("\n" + result.table + "\n")
+    for what, path in result.outputs.items():
+        if path.exists():
+            click.echo(f"{what + ':':<12}{path}")
 
 
 @main.command("mergekit-yaml", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

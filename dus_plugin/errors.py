@@ -1,11 +1,31 @@
-"""Typed errors. Library code raises these; only the CLI turns them into messages.
+"""Every error dus-plugin raises on purpose. Library code raises these; only the CLI prints them.
 
 Every message states the rule that was broken, the offending value and the fix, in one line.
+A message about one setting names it neutrally, in backticks (`drop`), and carries it in
+``setting``: the CLI renders it as its flag (--drop), `dus run` as its YAML key (upscale.drop).
 """
+
+from __future__ import annotations
+
+from typing import Mapping
 
 
 class DusError(Exception):
     """Base class of every error dus-plugin raises on purpose."""
+
+    def __init__(self, message: str = "", setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+        """The setting the message is about, as the library calls it (``drop``, ``shard_size``)."""
+
+    def naming(self, names: Mapping[str, str]) -> DusError:
+        """The same error with each `setting` in its message called as ``names`` says (a flag, a YAML key)."""
+        message = str(self)
+        for setting, name in names.items():
+            message = message.replace(f"`{setting}`", name)
+        renamed = type(self).__new__(type(self))
+        DusError.__init__(renamed, message, names.get(self.setting or "", self.setting))
+        return renamed
 
 
 class PlanError(DusError, ValueError):
@@ -17,7 +37,7 @@ class BaseModelError(DusError, ValueError):
 
 
 class RecipeError(DusError, ValueError):
-    """A recipe YAML does not validate; the message names the field."""
+    """A recipe YAML or option does not validate; the message names the field."""
 
 
 class OutputExistsError(DusError, FileExistsError):
@@ -29,8 +49,52 @@ class UpscaleError(DusError, RuntimeError):
 
 
 class VerifyError(DusError, RuntimeError):
-    """An upscaled folder does not match its plan; the message names the first mismatch."""
+    """A model folder does not match its plan; the message names the first mismatch."""
+
+
+class ManifestError(DusError, ValueError):
+    """dus_manifest.json is missing, unreadable or does not validate."""
+
+
+class TrainConfigError(DusError, ValueError):
+    """The training YAML does not validate; the message names the field."""
 
 
 class TrainingLaunchError(DusError, RuntimeError):
     """`accelerate launch` of the training stage failed; its own output says why."""
+
+
+class TrainingDiverged(DusError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CheckpointError(DusError, RuntimeError):
+    """The output folder's checkpoints conflict with what was asked (resume, overwrite)."""
+
+
+class EvalError(DusError, ValueError):
+    """Evaluation input is unusable (missing file, empty text, bad window, mixed settings)."""
+
+
+class CardError(DusError, ValueError):
+    """The card cannot be written (no manifest, unreadable result file, no base id)."""
+
+
+class HubError(DusError, RuntimeError):
+    """The Hub refused or failed an operation; the message says which and why."""
+
+
+class NetworkError(DusError, ConnectionError):
+    """A host (the Hub, a dataset server) could not be reached; the message says what to try."""
+
+
+class AnalyzeError(DusError, ValueError):
+    """The analysis input is unusable."""
+
+
+class Interrupted(DusError):
+    """Ctrl-C: the message says what is on disk and the command that continues."""
+
+
+class StaleStageError(DusError, RuntimeError):
+    """`dus run` found a stage's output made from different inputs than the recipe asks for now."""

@@ -10,14 +10,11 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dus_plugin.errors import DusError
+from dus_plugin.errors import DusError, HubError, NetworkError
+from dus_plugin.network import NETWORK_ERRORS, unreachable
 
 LOG = logging.getLogger(__name__)
 IGNORE = [".dus-tmp-*", "**/.dus-tmp-*", ".*.tmp-*", "**/.tmp-*", "eval/step-*.json"]
-
-
-class HubError(DusError, RuntimeError):
-    """The Hub refused or failed an operation; the message says which and why."""
 
 
 @dataclass
@@ -43,39 +40,57 @@ def upload_listing(folder: Path) -> list[tuple[str, int]]:
 
 
 def commit_message(folder: Path) -> str:
-    from dus_plugin.manifest import read_manifest
+    from dus_plugin.manifest import Manifest
 
-    m = read_manifest(folder)
-    plan = m["plan"]
-    trained = any(s["stage"] == "train" for s in m.get("stages", []))
-    base = m["base"].get("hub_id") or m["base"]["ref"]
-    return (f"DUS {base}: {plan['n']} -> {plan['s']} layers"
-            + (f" (m={plan['m']})" if plan.get("m") else "") + (", continued pretraining" if trained else "")
-            + " [dus-plugin]")
+    m = Manifest.read(folder)
+    if m.plan is None:
+        return f"{m.base_name()}, continued pretraining [dus-plugin]"
+    return (f"DUS {m.base_name()}: {m.plan.n} -> {m.plan.s} layers" + (f" (m={m.plan.m})" if m.plan.m else "")
+            + (", continued pretraining" if m.is_trained else "") + " [dus-plugin]")
 
 
 def push(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          dry_run: bool = False, message: str | None = None, endpoint: str | None = None,
-         token: str | None = None) -> PushResult:
+         token: str | None = None, allow_unlinked: bool = False) -> PushResult:
     """Verify ``folder``, make sure it has a card, then create the repo and upload in one commit."""
+    from dus_plugin.validation import check_repo_id
     from dus_plugin.verify import verify
 
     folder = Path(folder)
     try:
+        check_repo_id(repo_id)
+    except ValueError as e:
+        raise HubError(f"`repo_id` {e}", setting="repo_id") from None
+    try:
         verify(folder, forward=False, quiet=True)
     except DusError as e:
         raise HubError(f"refusing to push {folder}: it fails dus verify ({e})") from None
-    if not (folder / "README.md").is_file():
+    revision = revision or "main"
+    card = folder / "README.md"
+    if dry_run:  # changes nothing on disk: a card that is missing is listed as the one a push would write
+        files = upload_listing(folder)
+        return PushResult(repo_id, revision, files + ([("README.md (written by the push)", 0)]
+                                                      if not card.is_file() else []), dry_run=True)
+    if not card.is_file():
         from dus_plugin.card import write_card
 
         write_card(folder)
-        LOG.info("wrote %s/README.md (no card yet)", folder)
-    revision = revision or "main"
-    result = PushResult(repo_id, revision, upload_listing(folder), dry_run=dry_run)
-    if dry_run:
-        return result
+        LOG.info("wrote %s (no card yet)", card)
+    _require_base_model(card, allow_unlinked)
+    result = PushResult(repo_id, revision, upload_listing(folder))
     result.commit_url = _upload(folder, repo_id, private, revision, message or commit_message(folder), endpoint, token)
     return result
+
+
+def _require_base_model(card: Path, allow_unlinked: bool) -> None:
+    """A Hub reader must be able to follow the model to its base; publishing without that is a choice."""
+    from huggingface_hub import ModelCard
+
+    if allow_unlinked or ModelCard.load(card).data.base_model:
+        return
+    raise HubError(f"{card} names no base_model, so the Hub cannot link this model to its base; write the card "
+                   "with the base's Hub id (dus card --base-model ID, or base_model_id in a dus run recipe), "
+                   "or set `allow_unlinked` to push without it", setting="allow_unlinked")
 
 
 def _upload(folder: Path, repo_id: str, private: bool, revision: str, message: str, endpoint: str | None,
@@ -97,6 +112,6 @@ def _upload(folder: Path, repo_id: str, private: bool, revision: str, message: s
         reason = (e.server_message or str(e).splitlines()[0]).strip()
         raise HubError(f"the Hub refused the push to {repo_id}@{revision} (HTTP {status}: {reason}); "
                        "check the repo id and that your token (HF_TOKEN or `hf auth login`) can write to it") from None
-    except (OSError, ValueError) as e:
-        raise HubError(f"could not reach the Hub for {repo_id} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except NETWORK_ERRORS as e:
+        raise NetworkError(unreachable("the Hub", f"pushing to {repo_id}", e, api.endpoint)) from None
     return str(info.commit_url if hasattr(info, "commit_url") else info)

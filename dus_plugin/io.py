@@ -16,17 +16,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def parse_size(value: str | int) -> int:
-    """'5B' -> 5_000_000_000 (K, M, B suffixes, as mergekit's option syntax)."""
-    from dus_plugin.errors import RecipeError
-
+    """'5B' -> 5_000_000_000 (K, M, B suffixes, as mergekit's option syntax); ValueError if it is none."""
     if isinstance(value, int):
         return value
     units = {"k": 10**3, "m": 10**6, "b": 10**9}
     text = value.strip().lower()
     try:
-        return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
+        size = int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
     except ValueError:
-        raise RecipeError(f"--shard-size {value!r} is not a size; write a number with K, M or B, e.g. 5B") from None
+        size = 0
+    if size <= 0:
+        raise ValueError(f"{value!r} is not a size; write a positive number with K, M or B, e.g. 5B")
+    return size
 
 
 def read_yaml_mapping(path: str | Path, error: type[Exception], what: str, hint: str) -> dict:

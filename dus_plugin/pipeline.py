@@ -1,23 +1,26 @@
 """`dus run RECIPE`: plan -> upscale -> eval (before) -> continued pretraining -> eval (after) -> card -> push.
 
-Every stage writes files and skips itself when its output is already complete, so re-running a
-recipe resumes where it stopped (training resumes from its last checkpoint) and never redoes work.
+Every stage writes files and records what it was made from (see run_state): re-running a recipe
+resumes where it stopped (training from its last checkpoint), skips what is done from the same
+inputs, and redoes what changed, or refuses before discarding training.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dus_plugin.errors import RecipeError, TrainingLaunchError
+from dus_plugin.errors import DusError, Interrupted, RecipeError, TrainingLaunchError
 from dus_plugin.io import atomic_write_text, read_yaml_mapping
 from dus_plugin.planning import PlanOptions
-from dus_plugin.validation import first_error
+from dus_plugin.run_state import Stage, StageRunner
+from dus_plugin.upscale import EngineOptions
+from dus_plugin.validation import HubId, first_error
 
 LOG = logging.getLogger(__name__)
 PKG = Path(__file__).parent
@@ -38,7 +41,7 @@ class EvalSpec(Strict):
 
 
 class PushSpec(Strict):
-    repo_id: Optional[str] = None
+    repo_id: Optional[HubId] = None
     private: bool = False
     revision: Optional[str] = None
 
@@ -54,14 +57,18 @@ class LaunchSpec(Strict):
     """Further `accelerate launch` flags, e.g. [--main_process_port, "29501"]."""
 
 
+class UpscaleSection(PlanOptions, EngineOptions):
+    """The `upscale:` section: how to grow the base (`dus plan`'s options) and how to write it (`dus upscale`'s)."""
+
+
 class RunRecipe(Strict):
     name: str = "dus-run"
     base: str
     """Base model folder or Hub id."""
-    base_model_id: Optional[str] = None
+    base_model_id: Optional[HubId] = None
     """Hub id the card links when ``base`` is a local folder."""
     output_dir: str
-    upscale: PlanOptions = PlanOptions()
+    upscale: UpscaleSection = UpscaleSection()
     eval: EvalSpec
     train: dict[str, Any]
     """A training config (see configs/cpt_tiny.yml), inline or as the path of its YAML file (relative to the
@@ -167,58 +174,118 @@ def launch_processes(launch: LaunchSpec, where: str) -> int:
     return launch.num_processes or int(config.get("num_processes") or 1)
 
 
-class Stages:
-    """Numbered stage headers, timings and skip notes: one progress view across the run."""
-
-    def __init__(self, total: int, echo: Callable[[str], None]):
-        self.total, self.k, self.echo = total, 0, echo
-
-    def run(self, name: str, done: bool, fn: Callable[[], Any]) -> Any:
-        self.k += 1
-        if done:
-            self.echo(f"[{self.k}/{self.total}] {name}: already complete, skipped")
-            return None
-        self.echo(f"[{self.k}/{self.total}] {name} ...")
-        t0 = time.perf_counter()
-        out = fn()
-        self.echo(f"[{self.k}/{self.total}] {name}: done in {time.perf_counter() - t0:.1f} s")
-        return out
+@dataclass
+class RunResult:
+    table: str
+    """The before/after table (also in summary.md)."""
+    outputs: dict[str, Path]
+    """What the run made, by what a person looks for: model, card, summary, loss curve."""
 
 
 def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: Callable[[str], None] = print,
-        overrides: dict[str, Any] | None = None) -> str:
-    """Run every stage; return the before/after table (also written to OUTPUT_DIR/summary.md)."""
-    from dus_plugin.card import write_card
+        overrides: dict[str, Any] | None = None, restart: bool = False) -> RunResult:
+    """Run every stage not already done from the same inputs; return the table and where everything is."""
     from dus_plugin.eval.results import compare_table, load_result
-    from dus_plugin.upscale import UpscaleOptions, upscale
 
     r = load_run_recipe(recipe_path, overrides)
     out = Path(r.output_dir)
-    up, final = out / "upscaled", out / "train" / "final"
-    results = {"base": out / "eval" / "base.json", "upscaled": up / "eval" / "upscaled.json",
-               "trained": final / "eval" / "trained.json"}
     train_cfg = train_config(r, str(recipe_path))
-    stages = Stages(8 if push else 7, echo)
-    stages.run("plan", (out / "recipe.yml").is_file(), lambda: _plan(r, out / "recipe.yml"))
-    stages.run("upscale + verify", (up / "dus_manifest.json").is_file(),
-               lambda: upscale(out / "recipe.yml", up, UpscaleOptions(quiet=quiet, overwrite=True, forward=True)))
-    stages.run("eval base", results["base"].is_file(), lambda: _eval(r, _base_dir(r), results["base"], "base", quiet))
-    stages.run("eval upscaled (before training)", results["upscaled"].is_file(),
-               lambda: _eval(r, up, results["upscaled"], "upscaled", quiet))
-    stages.run("continued pretraining", (final / "dus_manifest.json").is_file(), lambda: _train(train_cfg, r.launch, out, quiet))
-    stages.run("eval trained", results["trained"].is_file(), lambda: _eval(r, final, results["trained"], "trained", quiet))
-    stages.run("model card", False, lambda: write_card(final, base_model=r.base_model_id,
-                                                         results=[results["base"], results["upscaled"]]))
+    runner = StageRunner(out, _stages(r, train_cfg, out, push, quiet, str(recipe_path)), echo, restart)
+    try:
+        runner.run_all()
+    except (KeyboardInterrupt, Interrupted):  # training raises Interrupted, naming its own resume flag
+        raise Interrupted(_interrupt_note(runner.current, out, recipe_path)) from None
+    paths = _paths(out)
+    table = compare_table([load_result(p) for p in paths["results"]])
+    atomic_write_text(out / "summary.md", f"# {r.name}\n\n{table}\n")
+    final = paths["final"]
+    return RunResult(table, {"model": final, "card": final / "README.md", "summary": out / "summary.md",
+                             "loss curve": final / "loss_curve.png", "metrics": out / "train" / "metrics.jsonl"})
+
+
+def _paths(out: Path) -> dict[str, Any]:
+    up, final = out / "upscaled", out / "train" / "final"
+    return {"recipe": out / "recipe.yml", "upscaled": up, "final": final,
+            "results": [out / "eval" / "base.json", up / "eval" / "upscaled.json", final / "eval" / "trained.json"]}
+
+
+def _stages(r: RunRecipe, train_cfg, out: Path, push: bool, quiet: bool, where: str) -> list[Stage]:
+    from importlib.metadata import version
+
+    from dus_plugin.card import write_card
+    from dus_plugin.manifest import manifest_sha256
+    from dus_plugin.upscale import UpscaleOptions, upscale
+
+    p = _paths(out)
+    up, final = p["upscaled"], p["final"]
+    base_res, up_res, trained_res = p["results"]
+    plan_keys = {f: f"upscale.{f}" for f in UpscaleSection.model_fields}
+    eval_spec = {"eval": r.eval.model_dump(mode="json")}
+    plan_fields = r.upscale.model_dump(mode="json", include=set(PlanOptions.model_fields))
+    engine = EngineOptions(**r.upscale.model_dump(include=set(EngineOptions.model_fields)))
+    stages = [
+        Stage("plan", "plan", _naming(lambda: _plan(r, p["recipe"]), plan_keys),
+              lambda: {"base": r.base, "upscale": plan_fields}, (p["recipe"],)),
+        Stage("upscale", "upscale + verify",
+              _naming(lambda: upscale(p["recipe"], up, UpscaleOptions(**engine.model_dump(), quiet=quiet,
+                                                                    overwrite=True, base_model_id=r.base_model_id)),
+                      plan_keys),
+              lambda: {"recipe.yml": _sha(p["recipe"]), "upscale": engine.model_dump(mode="json"),
+                       "base_model_id": r.base_model_id,
+                       "versions": {k: version(k) for k in ("mergekit", "transformers")}}, (up,), needs=("plan",)),
+        Stage("eval_base", "eval base", lambda: _eval(r, _base_dir(r), base_res, "base", quiet),
+              lambda: {"base": r.base, **eval_spec}, (base_res,)),
+        Stage("eval_upscaled", "eval upscaled (before training)", lambda: _eval(r, up, up_res, "upscaled", quiet),
+              lambda: {"upscaled": manifest_sha256(up), **eval_spec}, (up_res,), needs=("upscale",)),
+        Stage("train", "continued pretraining", lambda: _train(train_cfg, r.launch, out, quiet),
+              lambda: {"train": r.train, "launch": r.launch and r.launch.model_dump(mode="json"),
+                       "upscaled": manifest_sha256(up)}, (out / "train",), keeps_work=lambda: _has_training(out),
+              needs=("upscale",)),
+        Stage("eval_trained", "eval trained", lambda: _eval(r, final, trained_res, "trained", quiet),
+              lambda: {"trained": manifest_sha256(final), **eval_spec}, (trained_res,), needs=("train",)),
+        Stage("card", "model card", lambda: write_card(final, base_model=r.base_model_id, results=[base_res, up_res]),
+              always=True),
+    ]
     if push:
         if not r.push.repo_id:
-            raise RecipeError(f"{recipe_path}: field push.repo_id is empty; set it to push, e.g. me/{r.name}")
+            raise RecipeError(f"{where}: field push.repo_id is empty; set it to push, e.g. me/{r.name}")
         from dus_plugin.hub import push as hub_push
 
-        stages.run("push", False, lambda: hub_push(final, r.push.repo_id, private=r.push.private,
-                                                   revision=r.push.revision))
-    table = compare_table([load_result(p) for p in results.values()])
-    (out / "summary.md").write_text(f"# {r.name}\n\n{table}\n")
-    return table
+        stages.append(Stage("push", "push", lambda: hub_push(final, r.push.repo_id, private=r.push.private,
+                                                             revision=r.push.revision), always=True))
+    return stages
+
+
+def _has_training(out: Path) -> bool:
+    from dus_plugin.train.checkpoint import latest
+
+    return latest(out / "train" / "checkpoints") is not None or (out / "train" / "final").is_dir()
+
+
+def _naming(fn: Callable[[], Any], keys: dict[str, str]) -> Callable[[], Any]:
+    """Errors about a setting name it by its key in the run recipe."""
+    def call() -> Any:
+        try:
+            return fn()
+        except DusError as e:
+            raise e.naming(keys) from None
+    return call
+
+
+def _sha(path: Path) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _interrupt_note(stage: str | None, out: Path, recipe_path: str | Path) -> str:
+    from dus_plugin.train.checkpoint import latest
+
+    done = "nothing finished yet" if stage == "plan" else f"the stages before {stage} are finished in {out}"
+    ckpt = latest(out / "train" / "checkpoints")
+    kept = f"; training checkpoint {ckpt} is kept and training resumes from it" if ckpt else ""
+    return (f"interrupted during stage {stage}; {done}{kept}. Continue with the same command: "
+            f"dus run {recipe_path}")
 
 
 def _plan(r: RunRecipe, path: Path) -> None:

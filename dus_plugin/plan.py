@@ -137,12 +137,11 @@ def solar_plan(config: Mapping[str, Any], overlap: int | None = None) -> DusPlan
     n = num_layers(config)
     m = default_overlap(n) if overlap is None else overlap
     if m <= 0:
-        raise PlanError(f"--drop must be at least 1 (got {m}); m = n/4 = {n // 4} is the paper's choice")
+        raise PlanError(f"`drop` must be at least 1 (got {m}); m = n/4 = {n // 4} is the paper's choice", setting="drop")
     if 2 * m >= n:
         raise PlanError(
-            f"--drop {m} gives s = 2({n}-{m}) = {2 * (n - m)} layers, no more than the base's {n}: "
-            f"choose m < n/2 = {n / 2:g}"
-        )
+            f"`drop` {m} gives s = 2({n}-{m}) = {2 * (n - m)} layers, no more than the base's {n}: "
+            f"choose m < n/2 = {n / 2:g}", setting="drop")
     slices = (Slice(0, n - m), Slice(m, n))
     return DusPlan(n=n, slices=slices, overlap=m, params_before=count_params(config))
 
@@ -156,14 +155,16 @@ def parse_layers(spec: str) -> list[int]:
             if ":" in item:
                 a, b = (int(x) for x in item.split(":"))
                 if b <= a:
-                    raise PlanError(f"--layers range {item!r} is empty or reversed; write start:end with start < end")
+                    raise PlanError(f"`layers` range {item!r} is empty or reversed; write start:end with start < end",
+                                    setting="layers")
                 layers.extend(range(a, b))
             else:
                 layers.append(int(item))
         except ValueError as e:
             if isinstance(e, PlanError):
                 raise
-            raise PlanError(f"--layers item {item!r} is not an index or a start:end range; example: 0:24,8:32") from None
+            raise PlanError(f"`layers` item {item!r} is not an index or a start:end range; example: 0:24,8:32",
+                            setting="layers") from None
     return layers
 
 
@@ -171,10 +172,10 @@ def layer_list_plan(config: Mapping[str, Any], layers: Sequence[int]) -> DusPlan
     """Any stacking: output layer i copies source layer ``layers[i]``; runs become slices."""
     n = num_layers(config)
     if not layers:
-        raise PlanError("--layers is empty; give the source layer of every output layer, e.g. 0:24,8:32")
+        raise PlanError("`layers` is empty; give the source layer of every output layer, e.g. 0:24,8:32", setting="layers")
     bad = [i for i in layers if not 0 <= i < n]
     if bad:
-        raise PlanError(f"--layers names layer {bad[0]}, outside the base's 0..{n - 1}")
+        raise PlanError(f"`layers` names layer {bad[0]}, outside the base's 0..{n - 1}", setting="layers")
     slices: list[Slice] = []
     start = prev = layers[0]
     for i in list(layers[1:]) + [None]:  # type: ignore[list-item]

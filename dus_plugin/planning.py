@@ -19,7 +19,7 @@ LOG = logging.getLogger(__name__)
 class PlanOptions(Model):
     """How to grow the base; each field is a `dus plan` flag and a key under `upscale:` in a run recipe."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
     drop: Optional[int] = None
     """Overlap m: layers dropped per copy [default: n/4]."""
     layers: Optional[str] = None
@@ -55,7 +55,7 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     from dus_plugin.source import mergekit_architectures, padded_vocab, resolve_base
 
     if options.drop is not None and options.layers is not None:
-        raise PlanError("drop and layers are alternatives; give one")
+        raise PlanError("`drop` and `layers` are alternatives; give one", setting="drop")
     base = resolve_base(base_ref, options.revision)
     names = base_tensor_names(base)
     stack = layer_stack(base.config, names)

@@ -143,7 +143,7 @@ def plan_slices(plan: DusPlan, method: str) -> list[tuple[Slice, bool]]:
     if method == "solar":
         return [(sl, False) for sl in plan.slices]
     if method != "identity":
-        raise RecipeError(f"--method {method!r} is unknown; choose one of {', '.join(METHODS)}")
+        raise RecipeError(f"`method` {method!r} is unknown; choose one of {', '.join(METHODS)}", setting="method")
     out: list[tuple[Slice, bool]] = []
     seen: set[int] = set()
     for sl in plan.slices:

@@ -9,16 +9,19 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal, Optional, Union
 
 import yaml
+from pydantic import BaseModel as PydanticModel
+from pydantic import ConfigDict, field_validator
 
 from dus_plugin import __version__
 from dus_plugin.configfix import mergekit_per_layer_fix
-from dus_plugin.errors import BaseModelError, DusError, OutputExistsError, RecipeError, UpscaleError
-from dus_plugin.manifest import FORMAT, write_manifest
+from dus_plugin.errors import BaseModelError, DusError, Interrupted, OutputExistsError, RecipeError, UpscaleError
+from dus_plugin.io import parse_size
+from dus_plugin.validation import HubId
+from dus_plugin.manifest import Manifest, UpscaleStage
 from dus_plugin.plan import DusPlan, Slice, count_params
 from dus_plugin.recipe import Recipe, check_against_base, load_recipe
 from dus_plugin.architecture import LayerStack, layer_stack, upscaled_config
@@ -29,17 +32,34 @@ LOG = logging.getLogger(__name__)
 TMP_MARK = ".dus-tmp-"
 
 
-@dataclass
-class UpscaleOptions:
+class EngineOptions(PydanticModel):
+    """How the weights are written; each field is a `dus upscale` flag and a key under `upscale:` in a run recipe."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    engine: Literal["auto", "stream", "mergekit"] = "auto"
+    """auto: the streaming writer for pure passthrough plans, else mergekit; or force stream / mergekit."""
+    shard_size: Union[str, int] = "5B"
+    """Output shard size in bytes, mergekit's syntax (5B = 5e9 bytes, 500M)."""
+
+    @field_validator("shard_size")
+    @classmethod
+    def _is_size(cls, value: str | int) -> str | int:
+        parse_size(value)
+        return value
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+
+class UpscaleOptions(EngineOptions):
+    base_model_id: Optional[HubId] = None
+    """The base's Hub id, recorded for the card when the recipe reads the base from a local folder."""
     overwrite: bool = False
-    shard_size: str = "5B"
-    """Output shard size in parameters, mergekit's syntax (5B, 500M)."""
     verify: bool = True
     forward: bool = True
     """Let verification load the result with transformers and run a forward pass."""
     quiet: bool = False
-    engine: str = "auto"
-    """auto: the streaming writer for pure passthrough plans, else mergekit; or force stream / mergekit."""
 
 
 def plan_of(recipe: Recipe, base_config: dict[str, Any]) -> DusPlan:
@@ -57,13 +77,14 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} is a file; choose a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists and is not empty; pass --overwrite or choose another folder")
+        raise OutputExistsError(f"output folder {out} exists and is not empty; set `overwrite` or choose another folder",
+                                setting="overwrite")
     for stale in out.parent.glob(f".{out.name}{TMP_MARK}*") if out.parent.is_dir() else []:
         LOG.info("removing %s, left by an interrupted run", stale)
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | None = None) -> dict[str, Any]:
+def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | None = None) -> Manifest:
     """Merge ``recipe_path`` into ``out``; return the manifest. Nothing is left behind on failure."""
     options = options or UpscaleOptions()
     out = Path(out).absolute()
@@ -83,17 +104,23 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
         base_dir, engine, hashes = _run_engine(recipe, recipe_path.read_text(encoding="utf-8"), base, stack, tmp,
                                                options)
         manifest = build_manifest(recipe, recipe_path, base, base_dir, tmp, stack, quiet=options.quiet, hashes=hashes)
-        manifest["engine"] = engine
-        write_manifest(tmp, manifest)
+        manifest.engine = engine
+        if options.base_model_id:
+            manifest.base.hub_id = options.base_model_id
+        manifest.write(tmp)
         if options.verify:
             from dus_plugin.verify import verify
 
             verify(tmp, base=base_dir, forward=options.forward, quiet=options.quiet)
         _commit(tmp, out)
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Interrupted(f"upscale stopped; its partial output was removed and {out} is unchanged; "
+                          "run the same command again") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    LOG.info("upscaled %s -> %s (%d layers)", recipe.model, out, manifest["plan"]["s"])
+    LOG.info("upscaled %s -> %s (%d layers)", recipe.model, out, manifest.plan.s)
     return manifest
 
 
@@ -125,24 +152,21 @@ def _check_vocab(recipe: Recipe, base: BaseModel, where: str) -> None:
 def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, stack: LayerStack, tmp: Path,
                 options: UpscaleOptions) -> tuple[Path, str, dict[str, str] | None]:
     """(base folder, engine used, tensor hashes if the engine computed them)."""
-    from dus_plugin.io import parse_size
     from dus_plugin.stream import stream_merge, streamable
 
-    if options.engine not in ("auto", "stream", "mergekit"):
-        raise RecipeError(f"--engine {options.engine!r} is unknown; choose auto, stream or mergekit")
     base_dir = local_snapshot(base)
     check_readable(base_dir)
     if not (base_dir / "tokenizer_config.json").is_file() or not any(
             (base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise BaseModelError(f"base {base.ref} has no tokenizer (tokenizer_config.json with tokenizer.json or "
                              "tokenizer.model); the upscaled model needs the base's tokenizer")
-    why = streamable(recipe) if options.engine != "mergekit" else "--engine mergekit"
+    why = streamable(recipe) if options.engine != "mergekit" else "`engine` is mergekit"
     if why is None:
         LOG.info("streaming the plan tensor by tensor (pure passthrough)")
         return base_dir, "stream", stream_merge(recipe, recipe_text, base, base_dir, tmp,
-                                                parse_size(options.shard_size), stack, options.quiet)
+                                                options.shard_bytes, stack, options.quiet)
     if options.engine == "stream":
-        raise RecipeError(f"--engine stream cannot run this recipe: {why}; use --engine auto or mergekit")
+        raise RecipeError(f"`engine` stream cannot run this recipe: {why}; choose auto or mergekit", setting="engine")
     from dus_plugin.source import mergekit_architectures
     from dus_plugin.stream import build_config
 
@@ -164,13 +188,11 @@ def _merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, options:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from dus_plugin.io import parse_size
-
     merge_config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
     merge_options = MergeOptions(
         clone_tensors=True,  # duplicated layers would otherwise share storage on write
         copy_tokenizer=True,
-        out_shard_size=parse_size(options.shard_size),
+        out_shard_size=options.shard_bytes,
         quiet=options.quiet,
         # mergekit's card looks every 'a/b' model name up on the Hub, which fails offline for a
         # relative local path; dus writes its own card (`dus card`) and keeps the YAML below.
@@ -208,52 +230,54 @@ def _no_progress(quiet: bool) -> Iterator[None]:
 
 
 def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir: Path, folder: Path,
-                   stack: LayerStack, quiet: bool = False, hashes: dict[str, str] | None = None) -> dict[str, Any]:
+                   stack: LayerStack, quiet: bool = False, hashes: dict[str, str] | None = None) -> Manifest:
     from importlib.metadata import version
 
+    from dus_plugin.manifest import BaseRecord, LayersRecord, PlanRecord, ShardId, TensorRecord
+
+    plan = plan_of(recipe, base.config)
+    zeroed = recipe.zeroed_outputs()
+    return Manifest(
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        versions={"dus_plugin": __version__, "mergekit": version("mergekit"),
+                  "transformers": version("transformers"), "torch": version("torch")},
+        method="identity" if zeroed else "solar",
+        base=BaseRecord(
+            ref=base.ref, hub_id=base.hub_id, revision=base.revision, local_path=str(base_dir.absolute()),
+            architecture=base.architecture, config=base.config,
+            # size + header hash identify a shard cheaply; the tensors' own hashes are below
+            files={f: ShardId(size=(base_dir / f).stat().st_size, header_sha256=header_sha256(base_dir / f))
+                   for f in sorted(set(weight_map(base_dir).values()))},
+        ),
+        recipe=recipe.model_dump(exclude_none=True),
+        recipe_file=recipe_path.name,
+        recipe_yaml=recipe_path.read_text(encoding="utf-8"),
+        plan=PlanRecord(**plan.to_dict()),
+        layers=LayersRecord(**stack.to_dict()),
+        tensors={name: TensorRecord(**entry) for name, entry in _tensor_records(folder, stack, plan.layer_map,
+                                                                                 zeroed, quiet, hashes).items()},
+        stages=[UpscaleStage()],
+    )
+
+
+def _tensor_records(folder: Path, stack: LayerStack, layer_map: list[int], zeroed: dict[int, list[str]],
+                    quiet: bool, hashes: dict[str, str] | None) -> dict[str, dict[str, Any]]:
     from tqdm import tqdm
 
     from dus_plugin.stream import hash_file_tensors
 
-    plan = plan_of(recipe, base.config)
-    zeroed = recipe.zeroed_outputs()
-    tensors: dict[str, Any] = {}
+    tensors: dict[str, dict[str, Any]] = {}
     files = sorted(set(weight_map(folder).values()))
     for file in tqdm(files, desc="Hashing output shards", disable=quiet or hashes is not None, unit="shard"):
         file_hashes = hashes if hashes is not None else hash_file_tensors(folder / file)
         for name, t in read_header(folder / file).items():
             i = stack.index(name)
-            entry = {"source": name if i is None else stack.rename(name, plan.layer_map[i]),
+            entry = {"source": name if i is None else stack.rename(name, layer_map[i]),
                      "dtype": _TORCH_DTYPE.get(t.dtype, t.dtype.lower()), "shape": t.shape, "sha256": file_hashes[name]}
             if i is not None and any(f in name for f in zeroed.get(i, [])):
                 entry["zeroed"] = True
             tensors[name] = entry
-    base_files = sorted(set(weight_map(base_dir).values()))
-    return {
-        "format": FORMAT,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"dus_plugin": __version__, "mergekit": version("mergekit"),
-                     "transformers": version("transformers"), "torch": version("torch")},
-        "method": "identity" if zeroed else "solar",
-        "base": {
-            "ref": base.ref,
-            "hub_id": base.hub_id,
-            "revision": base.revision,
-            "local_path": str(base_dir.absolute()),
-            "architecture": base.architecture,
-            "config": base.config,
-            # size + header hash identify a shard cheaply; the tensors' own hashes are below
-            "files": {f: {"size": (base_dir / f).stat().st_size, "header_sha256": header_sha256(base_dir / f)}
-                      for f in base_files},
-        },
-        "recipe": recipe.model_dump(exclude_none=True),
-        "recipe_file": recipe_path.name,
-        "recipe_yaml": recipe_path.read_text(encoding="utf-8"),
-        "plan": plan.to_dict(),
-        "layers": stack.to_dict(),
-        "tensors": tensors,
-        "stages": [{"stage": "upscale", "date": dt.date.today().isoformat()}],
-    }
+    return tensors
 
 
 _TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}

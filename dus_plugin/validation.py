@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ValidationError
+
+from dus_plugin.errors import DusError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
@@ -18,3 +24,29 @@ def first_error(e: Any, where: str, unknown_hint: str = "unknown key (misspelled
     err = e.errors()[0]
     msg = unknown_hint if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
     return f"{where}: field {field_path(err['loc'])}: {msg}"
+
+
+def validated(model: type[M], error: type[DusError], **values: Any) -> M:
+    """``model(**values)``, or ``error`` naming the first bad field as a setting (the CLI shows its flag)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = field_path(err["loc"])
+        raise error(f"`{name}`: {err['msg'].removeprefix('Value error, ')}", setting=name) from None
+
+
+def check_repo_id(value: str) -> str:
+    """A Hub repo id as huggingface_hub validates it ('org/name'); ValueError naming the rule otherwise."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as e:
+        raise ValueError(f"{value!r} is not a Hub repo id ({str(e).splitlines()[0].rstrip('.')}); "
+                         "write it as org/name") from None
+    return value
+
+
+HubId = Annotated[str, AfterValidator(check_repo_id)]
+"""A Hub repo id, checked before any work."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dus_plugin.errors import PlanError, VerifyError
-from dus_plugin.manifest import read_manifest
+from dus_plugin.manifest import Manifest
 from dus_plugin.tensors import SourceTensor, TensorReader, read_header, weight_map
 
 LOG = logging.getLogger(__name__)
@@ -51,10 +51,11 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
     folder = Path(folder)
     if not folder.is_dir():
         raise VerifyError(f"{folder} is not a folder; pass the output folder of `dus upscale`")
-    manifest = read_manifest(folder)
+    manifest = Manifest.read(folder)
     report = VerifyReport(str(folder))
     _check_tokenizer(folder)
-    report.trained = "tensors" not in manifest or "plan" not in manifest
+    # a trained export (of an upscale or of a plain base) moved on from any plan by design
+    report.trained = not manifest.is_upscale_output
     base_dir = None if report.trained else _base_dir(manifest, base)
     if report.trained:
         report.tensors = _check_trained(folder, quiet)
@@ -65,19 +66,19 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
         report.tensors = (_check_against_base(folder, manifest, base_dir, base_config, quiet) if base_dir
                           else _check_hashes(folder, manifest, quiet))
     if forward:
-        _forward(folder, base_dir if manifest.get("method") == "identity" else None)
+        _forward(folder, base_dir if manifest.method == "identity" and not report.trained else None)
         report.forward = True
     LOG.info("verified %s: %d tensors", folder, report.tensors)
     return report
 
 
-def _base_config(manifest: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+def _base_config(manifest: Manifest, base_dir: Path | None) -> dict[str, Any]:
     if base_dir is not None and (base_dir / "config.json").is_file():
         return json.loads((base_dir / "config.json").read_text())
-    return manifest["base"]["config"]
+    return manifest.base.config
 
 
-def _check_config(folder: Path, manifest: dict[str, Any], base_config: dict[str, Any]) -> None:
+def _check_config(folder: Path, manifest: Manifest, base_config: dict[str, Any]) -> None:
     """The output config is the base's with every per-layer setting following the layer map, and every
     output layer is built exactly as its source layer."""
     from dus_plugin.architecture import check_layers, config_object, upscaled_config
@@ -86,7 +87,7 @@ def _check_config(folder: Path, manifest: dict[str, Any], base_config: dict[str,
     if not path.is_file():
         raise VerifyError(f"{folder} has no config.json")
     actual = json.loads(path.read_text())
-    layer_map = manifest["plan"]["layer_map"]
+    layer_map = manifest.plan.layer_map
     expected = upscaled_config(base_config, layer_map, check=False)
     want, got = (config_object(c).to_dict() for c in (expected, actual))
     for key in sorted(set(want) | set(got)):
@@ -108,15 +109,15 @@ def _check_tokenizer(folder: Path) -> None:
         raise VerifyError(f"{folder} has no tokenizer (tokenizer_config.json with tokenizer.json or tokenizer.model)")
 
 
-def _base_dir(manifest: dict[str, Any], base: str | Path | None) -> Path | None:
+def _base_dir(manifest: Manifest, base: str | Path | None) -> Path | None:
     if base is not None:
         path = Path(base)
         if path.is_dir():
             return path
         from dus_plugin.source import local_snapshot, resolve_base
 
-        return local_snapshot(resolve_base(str(base), manifest["base"].get("revision")))
-    recorded = manifest["base"].get("local_path")
+        return local_snapshot(resolve_base(str(base), manifest.base.revision))
+    recorded = manifest.base.local_path
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
@@ -145,12 +146,12 @@ def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: lis
     return out
 
 
-def _check_against_base(folder: Path, manifest: dict[str, Any], base_dir: Path, base_config: dict[str, Any],
+def _check_against_base(folder: Path, manifest: Manifest, base_dir: Path, base_config: dict[str, Any],
                         quiet: bool) -> int:
     """Each output tensor against its source in the base (bytes, or the cast/zeroed bytes), in bounded chunks."""
     from tqdm import tqdm
 
-    expected = expected_tensors(base_dir, base_config, manifest["plan"]["layer_map"], manifest.get("method", "solar"))
+    expected = expected_tensors(base_dir, base_config, manifest.plan.layer_map, manifest.method)
     found = _headers(folder)
     missing = sorted(set(expected) - set(found))
     if missing:
@@ -159,13 +160,13 @@ def _check_against_base(folder: Path, manifest: dict[str, Any], base_dir: Path, 
     if extra:
         raise VerifyError(f"tensor {extra[0]} is in {folder} but the base and the plan do not imply it")
     sources = _headers(base_dir)
-    recorded = manifest.get("tensors", {})
+    recorded = manifest.tensors or {}
     with tqdm(total=sum(t.nbytes for t in found.values()), unit="B", unit_scale=True, desc="Verifying tensors",
               disable=quiet) as bar:
         for name, t in found.items():
             want = expected[name]
             digest = _compare(name, t, sources[want.source], want)
-            if name in recorded and recorded[name].get("sha256") not in (None, digest):
+            if name in recorded and recorded[name].sha256 != digest:
                 raise VerifyError(f"tensor {name} in {t.file.name} does not match its hash in the manifest")
             bar.update(t.nbytes)
     return len(found)
@@ -208,19 +209,19 @@ def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected) -> s
     return h.hexdigest()
 
 
-def _check_hashes(folder: Path, manifest: dict[str, Any], quiet: bool) -> int:
+def _check_hashes(folder: Path, manifest: Manifest, quiet: bool) -> int:
     """Without the base: each tensor's bytes against the manifest's sha256."""
     from tqdm import tqdm
 
     from dus_plugin.stream import hash_range
 
-    planned: dict[str, Any] = manifest["tensors"]
+    planned = manifest.tensors or {}
     found = _headers(folder)
     for name in sorted(set(planned) ^ set(found)):
         where = "the manifest" if name in planned else folder
         raise VerifyError(f"tensor {name} is in {where} only")
     for name, t in tqdm(found.items(), desc="Hashing tensors", disable=quiet, unit="tensor"):
-        if hash_range(t.file, t.start, t.nbytes) != planned[name]["sha256"]:
+        if hash_range(t.file, t.start, t.nbytes) != planned[name].sha256:
             raise VerifyError(f"tensor {name} in {t.file.name} does not match its hash in the manifest")
     return len(found)
 

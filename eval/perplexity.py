@@ -14,11 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from dus_plugin.errors import DusError
-
-
-class EvalError(DusError, ValueError):
-    """Evaluation input is unusable (missing file, empty text, bad window)."""
+from dus_plugin.errors import DusError, EvalError
 
 
 @dataclass

@@ -28,15 +28,14 @@ def _versions() -> dict[str, str]:
 
 def model_identity(model_dir: str | Path) -> dict[str, Any]:
     """Stage (base / upscaled / trained), training step and manifest hash of a model folder."""
-    manifest = Path(model_dir) / "dus_manifest.json"
-    if not manifest.is_file():
+    from dus_plugin.manifest import Manifest, manifest_sha256
+
+    manifest = Manifest.read_optional(model_dir)
+    if manifest is None:
         return {"stage": "base", "step": None, "manifest_sha256": None}
-    raw = manifest.read_bytes()
-    stages = json.loads(raw).get("stages", [])
-    last = stages[-1] if stages else {}
-    trained = last.get("stage") == "train"
-    return {"stage": "trained" if trained else "upscaled", "step": last.get("steps") if trained else 0,
-            "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+    train = manifest.last_train
+    return {"stage": "trained" if train else "upscaled", "step": train.steps if train else 0,
+            "manifest_sha256": manifest_sha256(model_dir)}
 
 
 def make_result(model_dir: str | Path, perplexity: dict | None = None, tasks: dict | None = None,

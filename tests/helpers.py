@@ -15,6 +15,13 @@ def dus(*args: str) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def dus_ok(*args: str) -> Result:
+    """Run the CLI and require success: a fixture built through the CLI never continues on a failure."""
+    result = dus(*args)
+    assert result.exit_code == 0, f"dus {' '.join(map(str, args))} exited {result.exit_code}: {result.output}"
+    return result
+
+
 def assert_one_line_error(result: Result, *needles: str) -> str:
     """Exit != 0, stderr is one `error: ...` line, no traceback, and it mentions every needle."""
     assert result.exit_code != 0, result.output

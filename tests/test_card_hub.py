@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard, snapshot_download
 
 from dus_plugin.card import build_card, write_card
@@ -19,7 +20,7 @@ from dus_plugin.fixtures import make_tiny_model
 from dus_plugin.hub import HubError, push
 
 from conftest import REPO
-from helpers import assert_one_line_error, dus, tensors
+from helpers import assert_one_line_error, dus, dus_ok, tensors
 from hub_server import HubServer
 
 TOKEN = "hf_dusTestSecretToken1234567890"
@@ -37,7 +38,7 @@ def hub(monkeypatch):
 @pytest.fixture(scope="module")
 def upscaled(tiny_llama, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("card")
-    dus("plan", tiny_llama, "--drop", 2, "-o", root / "r.yml")
+    dus_ok("plan", tiny_llama, "--drop", 2, "-o", root / "r.yml")
     assert dus("upscale", root / "r.yml", root / "out", "-q", "--no-forward").exit_code == 0
     (root / "held.txt").write_text((REPO / "data" / "tiny_corpus.txt").read_text()[:2000])
     assert dus("eval", root / "out", "--text", root / "held.txt", "--max-length", 64, "-q").exit_code == 0
@@ -61,8 +62,13 @@ def test_card_metadata_round_trips(upscaled):
     again = ModelCard(str(card))  # parse the written text back: same metadata
     assert again.data.to_dict() == d
     text = card.text
-    assert "# Llama-3.2-1B DUS 12 layers" in text and "| 6–11 | 2–7 |" in text
+    assert "# Llama-3.2-1B depth up-scaled to 12 layers" in text and "| 6–11 | 2–7 |" in text
     assert "merge_method: passthrough" in text and "arXiv:2312.15166" in text
+    assert_no_machine_paths(str(card), upscaled)
+    # the command the card shows runs from the pushed folder: its recipe is there, naming the base by Hub id
+    assert "dus upscale dus_recipe.yml" in text and "pip install dus-plugin\n" not in text
+    recipe = yaml.safe_load((out / "dus_recipe.yml").read_text())
+    assert recipe["slices"][0]["sources"][0]["model"] == "meta-llama/Llama-3.2-1B"
     assert "| metric | base | upscaled |" in text  # base result copied in, ordered before the upscale
     assert (out / "eval" / "base.json").is_file()
 
@@ -79,12 +85,46 @@ def test_card_after_training_says_finetune(upscaled, tmp_path):
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
     final = Path(train(load_train_config(tmp_path / "c.yml"), quiet=True).export_dir)
     card = build_card(final, base_model="org/base")
+    assert_no_machine_paths(str(card), upscaled, tmp_path)
+    trained_with = yaml.safe_load((final / "dus_train.yml").read_text())
+    assert trained_with["model"] == "upscaled" and trained_with["data"]["sources"][0]["path"] == "tiny_corpus.txt"
     assert card.data.to_dict()["base_model_relation"] == "finetune"
     assert "continued-pretraining" in card.data.tags
     assert "tokens seen: 2,048" in card.text and "![loss curve](loss_curve.png)" in card.text
     assert (final / "loss_curve.png").is_file()
     r = dus("verify", final, "-q")
     assert r.exit_code == 0 and "trained export" in r.output
+
+
+def assert_no_machine_paths(text: str, *roots: Path) -> None:
+    for path in {*roots, REPO, Path.cwd(), Path.home()}:
+        assert str(path) not in text, f"{path} leaked into the card"
+
+
+def test_a_plain_base_trained_without_upscale_goes_through_verify_card_and_push(tiny_llama, tmp_path, hub):
+    """Issue 15 bug 1: its manifest has no plan and no base; verify, the card and push's message must work."""
+    from dus_plugin.hub import commit_message
+    from dus_plugin.manifest import Manifest
+    from dus_plugin.train.config import load_train_config
+    from dus_plugin.train.loop import train
+
+    cfg = yaml.safe_load((REPO / "configs" / "cpt_tiny.yml").read_text())
+    cfg.update(model=str(tiny_llama), output_dir=str(tmp_path / "run"), max_steps=2, save_every=0, seam={})
+    cfg["data"].update(sources=[{"path": str(REPO / "data" / "tiny_corpus.txt")}], cache_dir=str(tmp_path / "c"))
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
+    final = Path(train(load_train_config(tmp_path / "c.yml"), quiet=True).export_dir)
+    m = Manifest.read(final)
+    assert m.plan is None and m.is_trained and not m.is_upscale_output
+    r = dus("verify", final, "-q")
+    assert r.exit_code == 0 and "trained export" in r.output, r.output
+    r = dus("card", final, "--base-model", "org/base")
+    assert r.exit_code == 0, r.output
+    card = ModelCard.load(final / "README.md")
+    assert card.data.base_model == "org/base" and "Continued pretraining of [org/base]" in card.text
+    assert_no_machine_paths(str(card), tiny_llama, tmp_path)
+    assert commit_message(final) == f"{tiny_llama.name}, continued pretraining [dus-plugin]"
+    push(final, "me/plain", endpoint=hub.url, token=TOKEN)
+    assert "model.safetensors" in hub.state.repos["me/plain"].commits[hub.state.repos["me/plain"].branches["main"]]
 
 
 def test_push_round_trips_through_a_local_hub(upscaled, hub, caplog, capfd):
@@ -182,3 +222,51 @@ def test_dus_upscale_and_plan_with_a_hub_id(hub, tmp_path, monkeypatch):
     head = hub.state.repos["Qwen/tiny"].branches["main"]
     assert manifest["base"]["hub_id"] == "Qwen/tiny" and manifest["base"]["revision"] == head
     assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_types"][6] == "full_attention"
+
+
+def test_push_checks_the_repo_id_before_any_work(upscaled, hub):
+    line = assert_one_line_error(dus("push", upscaled / "out", "--repo-id", "not a repo id", "--dry-run"),
+                                 "--repo-id", "is not a Hub repo id")
+    assert "Traceback" not in line and not hub.state.requests
+
+
+def test_a_dry_run_changes_nothing_on_disk(upscaled, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(upscaled / "out", folder, ignore=shutil.ignore_patterns("README.md"))
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    r = dus("push", folder, "--repo-id", "me/x", "--dry-run")
+    assert r.exit_code == 0 and "README.md (written by the push)" in r.output, r.output
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_push_to_an_unreachable_hub_is_one_line(upscaled, tmp_path, monkeypatch):
+    """Nothing listens on the port: huggingface_hub's connection error becomes one line naming the Hub."""
+    import socket
+
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_card(upscaled / "out", base_model="org/base")
+    with pytest.raises(DusError) as e:
+        push(upscaled / "out", "me/x", endpoint=f"http://127.0.0.1:{port}", token=TOKEN)
+    msg = str(e.value)
+    assert msg.startswith(f"could not reach the Hub (http://127.0.0.1:{port}) while pushing to me/x") and "\n" not in msg
+    assert "HF_HUB_OFFLINE" in msg and TOKEN not in msg
+
+
+def test_push_refuses_a_card_without_base_model_unless_asked(upscaled, tmp_path, hub):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(upscaled / "out", folder, ignore=shutil.ignore_patterns("README.md"))
+    write_card(folder)  # a local base and no --base-model: the card cannot link it
+    with pytest.raises(HubError, match="names no base_model") as e:
+        push(folder, "me/unlinked", endpoint=hub.url, token=TOKEN)
+    assert "`allow_unlinked`" in str(e.value) and "me/unlinked" not in hub.state.repos
+    push(folder, "me/unlinked", endpoint=hub.url, token=TOKEN, allow_unlinked=True)
+    assert "me/unlinked" in hub.state.repos

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from helpers import assert_one_line_error, dus
+from helpers import assert_one_line_error, dus, dus_ok
 
 from conftest import REPO
 
@@ -16,7 +16,7 @@ def test_eval_writes_results_and_compares(tiny_llama, tmp_path):
     from dus_plugin.cli import main
 
     recipe = tmp_path / "r.yml"
-    dus("plan", tiny_llama, "--drop", 2, "-o", recipe)
+    dus_ok("plan", tiny_llama, "--drop", 2, "-o", recipe)
     assert dus("upscale", recipe, tmp_path / "up", "-q", "--no-forward").exit_code == 0
     text = tmp_path / "held.txt"
     text.write_text(HELD_OUT.read_text()[:3000])

@@ -5,7 +5,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from helpers import dus, tensors
+from helpers import dus, dus_ok, tensors
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi3"])
@@ -29,7 +29,7 @@ def test_identity_upscale_keeps_the_base_logits(family, tiny_models, tmp_path):
 
 def test_identity_filter_that_matches_nothing_is_refused(tiny_models, tmp_path):
     recipe = tmp_path / "id.yml"
-    dus("plan", tiny_models["llama"], "--drop", 2, "--method", "identity", "-o", recipe)
+    dus_ok("plan", tiny_models["llama"], "--drop", 2, "--method", "identity", "-o", recipe)
     recipe.write_text(recipe.read_text().replace("o_proj", "out_proj"))
     r = dus("upscale", recipe, tmp_path / "out", "-q")
     assert r.exit_code != 0 and "out_proj" in r.stderr and not (tmp_path / "out").exists()

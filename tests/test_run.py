@@ -40,7 +40,39 @@ def test_dus_run_without_a_recipe_chains_every_stage_and_resumes(tmp_path, monke
     card = (out / "train" / "final" / "README.md").read_text()
     assert "base_model_relation: finetune" in card and "| metric | base | upscaled | trained |" in card
     again = CliRunner().invoke(main, ["run", "-q", *short], catch_exceptions=False)
-    assert again.exit_code == 0 and again.output.count("already complete, skipped") == 6
+    assert again.exit_code == 0 and again.output.count("from the same inputs, skipped") == 6
+    assert f"model:      {out / 'train' / 'final'}" in again.output and f"summary:    {out / 'summary.md'}" in again.output
+
+    # a changed eval setting redoes the evals only; training is kept
+    evals = CliRunner().invoke(main, ["run", "-q", *short, "--set", "eval.max_length=32"], catch_exceptions=False)
+    assert evals.exit_code == 0, evals.output
+    assert evals.output.count("eval.max_length changed from 128 to 32; redoing it") == 3
+    assert "continued pretraining: already complete from the same inputs" in evals.output
+    assert json.loads((out / "eval" / "base.json").read_text())["perplexity"]["max_length"] == 32
+
+    # issue 15: --set upscale.drop=12 in the same folder never reuses the 48-layer model built for m = 8
+    manifest = (out / "upscaled" / "dus_manifest.json").read_bytes()
+    stale = CliRunner().invoke(main, ["run", "-q", *short, "--set", "upscale.drop=12"])
+    assert stale.exit_code == 1, stale.output
+    assert "upscale.drop changed from 8 to 12" in stale.output and "--restart" in stale.output
+    assert len(stale.output.strip().splitlines()) == 1
+    assert (out / "upscaled" / "dus_manifest.json").read_bytes() == manifest  # refused before touching anything
+    redo = CliRunner().invoke(main, ["run", "-q", *short, "--set", "upscale.drop=12", "--restart"],
+                              catch_exceptions=False)
+    assert redo.exit_code == 0, redo.output
+    assert json.loads((out / "upscaled" / "dus_manifest.json").read_text())["plan"]["s"] == 40
+    assert json.loads((out / "train" / "final" / "config.json").read_text())["num_hidden_layers"] == 40
+    assert "upscale + verify: stage plan" not in redo.output and "trained: train.data" not in redo.output
+
+
+def test_dus_run_names_the_yaml_key_and_dus_plan_the_flag(tmp_path, tiny_llama):
+    """Issue 15: one library error, named as the caller wrote the setting."""
+    r = CliRunner().invoke(main, ["run", "-q", "--set", "upscale.drop=0", "--set", f"output_dir={tmp_path / 'o'}"])
+    assert r.exit_code == 1 and "error: upscale.drop must be at least 1" in r.output, r.output
+    r = CliRunner().invoke(main, ["plan", str(tiny_llama), "--drop", "0"])
+    assert r.exit_code == 1 and "error: --drop must be at least 1" in r.output, r.output
+    r = CliRunner().invoke(main, ["upscale", "x.yml", str(tmp_path / "u"), "--shard-size", "lots"])
+    assert r.exit_code == 1 and "error: --shard-size: 'lots' is not a size" in r.output, r.output
 
 
 def test_quickstart_recipe_ships_inside_the_package():
@@ -93,7 +125,7 @@ def test_dus_run_trains_under_a_two_process_accelerate_launch(tmp_path, monkeypa
     assert not (tmp_path / "qs" / "train" / "final").exists()
     r = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), "-q"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert r.output.count("already complete, skipped") == 4  # plan, upscale, both evals: only training reruns
+    assert r.output.count("from the same inputs, skipped") == 4  # plan, upscale, both evals: only training reruns
     summary = json.loads((tmp_path / "qs" / "train" / "train_summary.json").read_text())
     assert summary["processes"] == 2 and summary["distributed_type"] == "MULTI_CPU" and summary["steps"] == 4
     assert (tmp_path / "qs" / "train" / "final" / "eval" / "trained.json").is_file()

@@ -16,7 +16,7 @@ from dus_plugin.fixtures import FAMILIES
 from dus_plugin.stream import streamable
 from dus_plugin.tensors import read_header
 
-from helpers import assert_one_line_error, dus
+from helpers import assert_one_line_error, dus, dus_ok
 
 
 def raw_tensors(folder: Path) -> dict[str, tuple[str, list[int], bytes]]:
@@ -60,7 +60,7 @@ def test_stream_equals_mergekit(family, method, tiny_models, tmp_path):
 
 def test_stream_casts_and_shards_like_mergekit(tiny_models, tmp_path):
     recipe = tmp_path / "r.yml"
-    dus("plan", tiny_models["qwen2"], "--drop", 2, "--method", "identity", "--dtype", "bfloat16", "-o", recipe)
+    dus_ok("plan", tiny_models["qwen2"], "--drop", 2, "--method", "identity", "--dtype", "bfloat16", "-o", recipe)
     a, b = both_engines(recipe, tmp_path, "--shard-size", "40K")
     assert_same_output(a, b)
     assert {t[0] for t in raw_tensors(a).values()} == {"BF16"}
@@ -71,7 +71,7 @@ def test_stream_casts_and_shards_like_mergekit(tiny_models, tmp_path):
 
 def test_non_passthrough_falls_back_to_mergekit(tiny_llama, tmp_path):
     recipe = tmp_path / "r.yml"
-    dus("plan", tiny_llama, "--drop", 2, "-o", recipe)
+    dus_ok("plan", tiny_llama, "--drop", 2, "-o", recipe)
     from dus_plugin.recipe import load_recipe
 
     text = recipe.read_text().replace("    layer_range: [2, 8]", "    layer_range: [2, 8]\n    parameters:\n      scale: 0.5")
@@ -89,7 +89,7 @@ def _limit_file_size() -> None:
 
 def test_disk_full_leaves_no_half_folder(tiny_llama, tmp_path):
     recipe = tmp_path / "r.yml"
-    dus("plan", tiny_llama, "--drop", 2, "-o", recipe)
+    dus_ok("plan", tiny_llama, "--drop", 2, "-o", recipe)
     exe = Path(sys.executable).with_name("dus")
     proc = subprocess.run([str(exe), "upscale", str(recipe), str(tmp_path / "out"), "-q"], capture_output=True,
                           text=True, preexec_fn=_limit_file_size, env=dict(os.environ), timeout=300)
@@ -101,7 +101,7 @@ def test_disk_full_leaves_no_half_folder(tiny_llama, tmp_path):
 
 def test_leftovers_of_a_killed_run_are_removed(tiny_llama, tmp_path):
     recipe = tmp_path / "r.yml"
-    dus("plan", tiny_llama, "--drop", 2, "-o", recipe)
+    dus_ok("plan", tiny_llama, "--drop", 2, "-o", recipe)
     stale = tmp_path / ".out.dus-tmp-deadbeef"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")

@@ -33,7 +33,7 @@ def tiny_dus(tiny_llama, tmp_path_factory) -> Path:
     from dus_plugin.cli import main
 
     root = tmp_path_factory.mktemp("dus")
-    CliRunner().invoke(main, ["plan", str(tiny_llama), "--drop", "2", "-o", str(root / "r.yml")])
+    assert CliRunner().invoke(main, ["plan", str(tiny_llama), "--drop", "2", "-o", str(root / "r.yml")]).exit_code == 0
     upscale(root / "r.yml", root / "model", UpscaleOptions(quiet=True, forward=False))
     return root / "model"
 
@@ -332,3 +332,46 @@ def test_eval_on_start_measures_the_seam_before_any_update(tmp_path, tiny_llama,
         start[name] = rows[0]["val_loss"]
     assert start["identity"] == pytest.approx(start["base"], abs=1e-5)
     assert abs(start["solar"] - start["base"]) > 1e-3
+
+
+# --- interrupted and repeated runs (issue 16) ---------------------------------------------------
+
+def test_ctrl_c_keeps_the_checkpoints_and_says_how_to_continue(tmp_path, tiny_dus):
+    import signal
+    import time
+
+    from helpers import assert_one_line_error, dus
+
+    cfg = make_config(tmp_path, tiny_dus, max_steps=3000, save_every=2, log_every=1, eval_every=0)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dus_plugin.cli", "train", str(cfg), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 180
+    while not list((run / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: training interrupted in step "), err
+    assert "checkpoint " + str(run / "checkpoints" / "step-") in lines[0] and "with --resume" in lines[0]
+    assert "nothing was left" not in err and list((run / "checkpoints").glob("step-*"))
+    assert (run / "metrics.jsonl").is_file()
+
+    # the same command again, without --resume, neither restarts silently nor loses the checkpoints
+    line = assert_one_line_error(dus("train", cfg, "-q"), "--resume", "--overwrite", "already has training checkpoint")
+    assert list((run / "checkpoints").glob("step-*")), line
+
+
+def test_resume_on_a_finished_run_says_so_and_overwrite_starts_over(tmp_path, tiny_dus):
+    from helpers import dus
+
+    cfg = make_config(tmp_path, tiny_dus, max_steps=4, save_every=0, eval_every=0, seam={"focus": "none"})
+    first = dus("train", cfg, "-q")
+    assert first.exit_code == 0, first.output
+    again = dus("train", cfg, "-q", "--resume")
+    assert again.exit_code == 0 and again.output.startswith("already finished: 4 steps"), again.output
+    fresh = dus("train", cfg, "-q", "--overwrite")
+    assert fresh.exit_code == 0 and fresh.output.startswith("trained 4 steps"), fresh.output
+    assert (tmp_path / "cache").is_dir()  # the tokenized data was not thrown away with the run

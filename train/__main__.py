@@ -7,13 +7,15 @@ import logging
 import os
 import sys
 
-from dus_plugin.errors import DusError
+from dus_plugin.errors import DusError, Interrupted
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dus_plugin.train", description="Continued pretraining of a DUS model.")
     parser.add_argument("config", help="training YAML (see configs/cpt_tiny.yml)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an output folder that has checkpoints (removes them)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="stop after step N with a checkpoint (resume later with --resume)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -26,11 +28,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(load_train_config(args.config), resume=args.resume, quiet=args.quiet,
-                       stop_after=args.stop_after)
+                       stop_after=args.stop_after, overwrite=args.overwrite)
     except DusError as e:
         if not (isinstance(e, TrainConfigError) and int(os.environ.get("RANK", "0")) > 0):  # the same on every rank
-            print(f"error: {e}", file=sys.stderr)
-        return 1
+            flags = {"resume": "--resume", "overwrite": "--overwrite", "stop_after": "--stop-after"}
+            print(f"{'interrupted' if isinstance(e, Interrupted) else 'error'}: {e.naming(flags)}", file=sys.stderr)
+        return 130 if isinstance(e, Interrupted) else 1
     print(result.summary())
     return 0
 

@@ -7,13 +7,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dus_plugin.errors import DusError
+from dus_plugin.errors import DusError, TrainConfigError
 from dus_plugin.io import read_yaml_mapping
 from dus_plugin.validation import first_error
-
-
-class TrainConfigError(DusError, ValueError):
-    """The training YAML does not validate; the message names the field."""
 
 
 class Strict(BaseModel):

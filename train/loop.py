@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dus_plugin.errors import DusError
+from dus_plugin.errors import CheckpointError, DusError, Interrupted, TrainingDiverged
 from dus_plugin.train import checkpoint
 from dus_plugin.train.config import TrainConfig
 from dus_plugin.train.data import PackedData
@@ -23,10 +23,6 @@ from dus_plugin.train.schedule import LRSchedule
 from dus_plugin.train.seam import param_groups, read_layout
 
 LOG = logging.getLogger(__name__)
-
-
-class TrainingDiverged(DusError, RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -42,9 +38,14 @@ class TrainResult:
     processes: int = 1
     distributed_type: str = "NO"
 
+    already_finished: bool = False
+    """``resume`` found the run finished; nothing was trained now."""
+
     def summary(self) -> str:
         """The line the CLIs print when a run ends."""
-        return (f"trained {self.steps} steps, {self.tokens} tokens; loss {self.loss:.4f}"
+        head = f"already finished: {self.steps} steps" if self.already_finished else f"trained {self.steps} steps"
+        return (f"{head}, {self.tokens} tokens"
+                + (f"; loss {self.loss:.4f}" if self.loss is not None else "")
                 + (f", validation loss {self.val_loss:.4f}" if self.val_loss is not None else "")
                 + (f"; exported {self.export_dir}" if self.export_dir else ""))
 
@@ -91,11 +92,14 @@ def _optimizer(cfg: TrainConfig, model, accelerator):
     return opt, LambdaLR(opt, lambdas)
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None,
+          overwrite: bool = False) -> TrainResult:
     """Run (or resume) the configured training; return what it did.
 
     ``stop_after``: end after this many steps (counted from 0) with a checkpoint and no export,
-    for jobs with a time budget; ``resume=True`` later continues the same schedule.
+    for jobs with a time budget; ``resume=True`` later continues the same schedule. An output folder
+    with checkpoints needs ``resume`` (continue) or ``overwrite`` (start over); Ctrl-C raises
+    Interrupted, whose message says what is on disk and how to continue.
     """
     import torch
     from accelerate.utils import set_seed
@@ -104,6 +108,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     accelerator = _accelerator(cfg)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
+    _claim_output(out, ckpt_root, resume, overwrite, accelerator)
+    if resume and (done := _finished(cfg, ckpt_root)) is not None:
+        return done
     set_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     accum, total = cfg.grad_accum(world), cfg.total_steps()
@@ -144,38 +151,42 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     t_log, tok_log, rate = time.perf_counter(), 0, None
     model.train()
     end = total if stop_after is None else min(total, stop_after)
-    for step in range(start, end):
-        loss = _train_step(cfg, model, opt, data, accelerator, step, accum, world, rank)
-        if not math.isfinite(loss):
-            good = checkpoint.latest(ckpt_root)
-            raise TrainingDiverged(
-                f"loss became {loss} at step {step + 1}; weights were not updated with it and the last good "
-                f"checkpoint is {good or 'none (set save_every)'}; lower optimizer.lr or set grad_clip")
-        sched.step()
-        tokens_seen += tokens_per_step
-        tok_log += tokens_per_step
-        last_loss = loss
-        phase = "focus" if step < focus_steps else "all"
-        phase_losses.setdefault(phase, []).append(loss)
-        done = step + 1
-        row: dict[str, Any] = {}
-        if done % cfg.log_every == 0 or done == total:
-            rate = tok_log / (time.perf_counter() - t_log)
-            row = {"loss": loss, "lr": max(sched.get_last_lr()), "tokens_per_s": rate, "phase": phase}
-            t_log, tok_log = time.perf_counter(), 0
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
-            last_val = validation_loss(cfg, model, data, accelerator)
-            row["val_loss"] = last_val
-        if hook is not None and hook.should_run(done, final=done == total):
-            ppl = hook.run(model, tokenizer, done, write=accelerator.is_main_process, device=accelerator.device)
-            row["val_perplexity"] = ppl["perplexity"]["perplexity"]
-        if row:
-            metrics.log({"step": done, "tokens": tokens_seen, **row})
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}" if rate else "-")
-        if (cfg.save_every and done % cfg.save_every == 0) or (cfg.save_final and done in (total, end)):
-            checkpoint.save(accelerator, ckpt_root, done, {"step": done, "tokens": tokens_seen,
-                                                           "samples": done * cfg.global_batch_size}, cfg.keep_last)
-        bar.update(1)
+    step = start
+    try:
+        for step in range(start, end):
+            loss = _train_step(cfg, model, opt, data, accelerator, step, accum, world, rank)
+            if not math.isfinite(loss):
+                good = checkpoint.latest(ckpt_root)
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step + 1}; weights were not updated with it and the last good "
+                    f"checkpoint is {good or 'none (set save_every)'}; lower optimizer.lr or set grad_clip")
+            sched.step()
+            tokens_seen += tokens_per_step
+            tok_log += tokens_per_step
+            last_loss = loss
+            phase = "focus" if step < focus_steps else "all"
+            phase_losses.setdefault(phase, []).append(loss)
+            done = step + 1
+            row: dict[str, Any] = {}
+            if done % cfg.log_every == 0 or done == total:
+                rate = tok_log / (time.perf_counter() - t_log)
+                row = {"loss": loss, "lr": max(sched.get_last_lr()), "tokens_per_s": rate, "phase": phase}
+                t_log, tok_log = time.perf_counter(), 0
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
+                last_val = validation_loss(cfg, model, data, accelerator)
+                row["val_loss"] = last_val
+            if hook is not None and hook.should_run(done, final=done == total):
+                ppl = hook.run(model, tokenizer, done, write=accelerator.is_main_process, device=accelerator.device)
+                row["val_perplexity"] = ppl["perplexity"]["perplexity"]
+            if row:
+                metrics.log({"step": done, "tokens": tokens_seen, **row})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}" if rate else "-")
+            if (cfg.save_every and done % cfg.save_every == 0) or (cfg.save_final and done in (total, end)):
+                checkpoint.save(accelerator, ckpt_root, done, {"step": done, "tokens": tokens_seen,
+                                                               "samples": done * cfg.global_batch_size}, cfg.keep_last)
+            bar.update(1)
+    except KeyboardInterrupt:
+        raise Interrupted(_on_disk(out, ckpt_root, step)) from None
     bar.close()
     metrics.close()
     result = TrainResult(end, tokens_seen, last_loss, last_val, str(out),
@@ -188,6 +199,42 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     if accelerator.is_main_process:
         (out / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
     accelerator.end_training()
+    return result
+
+
+def _on_disk(out: Path, ckpt_root: Path, step: int) -> str:
+    last = checkpoint.latest(ckpt_root)
+    kept = [f"checkpoint {last}" if last else "no checkpoint yet (set save_every to checkpoint during the run)"]
+    if (out / "metrics.jsonl").is_file():
+        kept.append(f"metrics {out / 'metrics.jsonl'}")
+    resume = (f"continue from {last.name} with `resume`" if last else "start again with `overwrite`")
+    return f"training interrupted in step {step + 1}; kept: {', '.join(kept)}; {resume}"
+
+
+def _claim_output(out: Path, ckpt_root: Path, resume: bool, overwrite: bool, accelerator) -> None:
+    """A folder with checkpoints is continued or started over only when asked: never silently from step 0."""
+    existing = checkpoint.latest(ckpt_root)
+    if existing is None or resume:
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out} already has training checkpoint {existing.name}; set `resume` to continue from "
+                              "it, or `overwrite` to start over (its checkpoints and metrics are removed)",
+                              setting="resume")
+    if accelerator.is_main_process:
+        for item in out.iterdir():
+            if item.name != "token_cache":  # tokenized data does not depend on the run
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+    accelerator.wait_for_everyone()
+
+
+def _finished(cfg: TrainConfig, ckpt_root: Path) -> TrainResult | None:
+    """The finished run's result, when ``resume`` finds nothing left to do."""
+    last = checkpoint.latest(ckpt_root)
+    summary = Path(cfg.output_dir) / "train_summary.json"
+    if last is None or int(last.name.split("-")[1]) < cfg.total_steps() or not summary.is_file():
+        return None
+    result = TrainResult(**json.loads(summary.read_text()))
+    result.already_finished = True
     return result
 
 
@@ -300,12 +347,13 @@ def _saved_dtype(model_dir: str):
 
 
 def _write_manifest(cfg: TrainConfig, folder: Path, result: TrainResult) -> None:
-    src = Path(cfg.model) / "dus_manifest.json"
-    manifest = json.loads(src.read_text()) if src.is_file() else {"format": 1, "stages": []}
-    manifest.pop("tensors", None)  # weights changed: the per-tensor hashes describe the upscale, not this folder
-    manifest.setdefault("stages", []).append({
-        "stage": "train", "date": dt.date.today().isoformat(), "from": str(Path(cfg.model).absolute()),
-        "steps": result.steps, "tokens": result.tokens, "loss": result.loss, "val_loss": result.val_loss,
-        "config": cfg.model_dump(mode="json"),
-    })
-    (folder / "dus_manifest.json").write_text(json.dumps(manifest, indent=2))
+    from dus_plugin.manifest import BaseRecord, Manifest, TrainStage
+
+    manifest = Manifest.read_optional(cfg.model)
+    if manifest is None:  # a plain base trained without an upscale: it is its own base
+        config = json.loads((Path(cfg.model) / "config.json").read_text())
+        manifest = Manifest(base=BaseRecord(ref=Path(cfg.model).name, local_path=str(Path(cfg.model).absolute()),
+                                            architecture=(config.get("architectures") or [None])[0], config=config))
+    stage = TrainStage(steps=result.steps, tokens=result.tokens, loss=result.loss, val_loss=result.val_loss,
+                       config=cfg.model_dump(mode="json"), **{"from": str(Path(cfg.model).absolute())})
+    manifest.append_stage(stage).write(folder)

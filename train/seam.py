@@ -34,15 +34,13 @@ class SeamLayout:
 
 
 def read_layout(model_dir: str | Path) -> SeamLayout | None:
-    path = Path(model_dir) / "dus_manifest.json"
-    if not path.is_file():
+    from dus_plugin.manifest import Manifest
+
+    manifest = Manifest.read_optional(model_dir)
+    if manifest is None or manifest.plan is None:  # a plain base, or its trained export: no seam to speak of
         return None
-    manifest = json.loads(path.read_text())
-    plan = manifest.get("plan")
-    if plan is None:  # a trained export of a base that was never upscaled: no seam to speak of
-        return None
-    prefix = (manifest.get("layers") or {}).get("prefix", "model.layers.")
-    return SeamLayout(plan["s"], list(plan["seam"]), list(plan["duplicated_outputs"]), prefix)
+    prefix = manifest.layers.prefix if manifest.layers else "model.layers."
+    return SeamLayout(manifest.plan.s, list(manifest.plan.seam), list(manifest.plan.duplicated_outputs), prefix)
 
 
 def layer_of(name: str, prefix: str = "model.layers.") -> int | None:
