@@ -16,8 +16,10 @@ from dus_plugin.errors import AnalyzeError, DusError
 
 
 SCOPE = ("the relative seam cost predicts the loss right after upscaling, not after continued pretraining: in "
-         "docs/reproduction.md's ablation every m was back at the base's loss within 1.3M tokens and the final "
-         "loss followed depth (m = 4 best, m = 12 worst); choose m for the size you want when T is fixed")
+         "docs/reproduction.md's ablation every m was back at the base's loss within 1.3M tokens")
+AFTER_TRAINING = ("choose m by the size you want: in docs/reproduction.md's ablation (equal extra tokens) the "
+                  "final loss followed depth, smaller m better (m = 4 best, m = 12 worst); the paper's m = n/4 is "
+                  "the default")
 
 
 @dataclass
@@ -30,14 +32,20 @@ class Analysis:
     relative_cost: dict[int, float]
     """m -> seam cost over the mean distance of jumps of the same size (what the recommendation ranks)."""
     recommended_m: int
+    """The m with the lowest relative seam cost in the searched range: the best start, not the best end."""
     reason: str
     tokens: int
+    after_training: str = AFTER_TRAINING
+    """What the measured ablation says about m for the end result, a separate recommendation."""
+    searched: tuple[int, int] = (1, 1)
+    """The range of m the step-0 recommendation was chosen from."""
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"n": self.n, "tokens": self.tokens, "seam_cost": self.seam_cost, "relative_cost": self.relative_cost,
                 "recommended_m": self.recommended_m,
-                "reason": self.reason, "notes": self.notes, "distances": self.distances}
+                "reason": self.reason, "after_training": self.after_training, "searched": list(self.searched),
+                "notes": self.notes, "distances": self.distances}
 
 
 def angular_distances(hidden: list, mask=None) -> list[list[float | None]]:
@@ -97,7 +105,7 @@ def analyze(model_dir: str | Path, texts: list[str], max_length: int = 512, max_
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     if len(ids) < 2:
-        raise AnalyzeError("the text sample has fewer than 2 tokens; give more text with --text")
+        raise AnalyzeError("the text sample has fewer than 2 tokens; give more text in `texts`", setting="texts")
     windows = [ids[k:k + max_length] for k in range(0, len(ids), max_length)][:max_windows]
     totals: list[list[float | None]] | None = None
     for w in tqdm(windows, desc="Hidden states", disable=not progress):
@@ -111,7 +119,8 @@ def analyze(model_dir: str | Path, texts: list[str], max_length: int = 512, max_
     dist = [[None if v is None else v / n_tok for v in row] for row in totals or []]
     n = model.config.num_hidden_layers
     cost, relative, m, reason = recommend(n, dist)
-    return Analysis(n, dist, cost, relative, m, reason, n_tok, notes=[SCOPE])
+    return Analysis(n, dist, cost, relative, m, reason, n_tok, notes=[SCOPE],
+                    searched=(max(1, n // 8), max(1, (3 * n) // 8)))
 
 
 def heatmap(a: Analysis, path: str | Path) -> Path:
@@ -128,12 +137,14 @@ def heatmap(a: Analysis, path: str | Path) -> Path:
     ax.set_ylabel("block size k")
     ax.set_yticks(range(0, a.n, max(1, a.n // 8)), [str(k + 1) for k in range(0, a.n, max(1, a.n // 8))])
     ax.set_title("angular distance d(h_i, h_i+k)")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="angular distance (0 = same direction, 1 = opposite)")
     ms = sorted(a.seam_cost)
     ax2.plot(ms, [a.seam_cost[m] for m in ms], "o-", label="seam jump d(h_m, h_(n-m))")
     ax2.plot(ms, [a.relative_cost[m] for m in ms], "s-", label="relative to jumps of the same size")
     ax2.axhline(1.0, color="gray", lw=0.8)
-    ax2.axvline(a.recommended_m, color="tab:red", ls="--", label=f"recommended m = {a.recommended_m}")
+    ax2.axvspan(a.searched[0] - 0.5, a.searched[1] + 0.5, color="tab:red", alpha=0.08,
+                label=f"searched m = {a.searched[0]}..{a.searched[1]}")
+    ax2.axvline(a.recommended_m, color="tab:red", ls="--", label=f"lowest step-0 seam cost: m = {a.recommended_m}")
     ax2.set_xlabel("overlap m")
     ax2.set_title("DUS seam mismatch")
     ax2.legend()

@@ -58,7 +58,11 @@ def main(verbose: bool) -> None:
     if not verbose:
         # transformers resets its logger's level when it is imported (later, lazily): tell it by env
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        for noisy in ("mergekit", "huggingface_hub", "transformers"):
+        from huggingface_hub.utils import logging as hub_logging
+
+        # its retry warnings repeat once per attempt; the one line a failure ends in says what happened
+        hub_logging.set_verbosity_error()
+        for noisy in ("mergekit", "huggingface_hub", "transformers", "lm_eval"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -151,7 +155,7 @@ def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, q
 @main.command("eval")
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path), help="Held-out text file (repeatable).")
-@click.option("--max-length", type=int, default=None, help="Perplexity window in tokens [default: min(context, 2048)].")
+@click.option("--max-length", type=int, default=None, help="Perplexity window in tokens [default: min(context, 512)].")
 @click.option("--stride", type=int, default=None, help="Window step [default: half a window].")
 @click.option("--tasks", default=None, help="lm-eval tasks: h6, or task[:shots[:metric]],... (needs the [eval] extra).")
 @click.option("--include-path", multiple=True, help="Folder of extra lm-eval task YAMLs (repeatable).")
@@ -161,7 +165,7 @@ def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, q
 @click.option("--label", default=None, help="Column name in tables [default: base / upscaled / trained].")
 @click.option("--compare", is_flag=True, help="PATHS are result files: print their before/after table.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the result JSON here [default: MODEL/eval/<label>.json].")
+              help="Write the result JSON here [default: MODEL/eval/<label>.json; ./eval/ for a model shipped in the package].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def eval_(paths: tuple[Path, ...], texts: tuple[Path, ...], max_length: int | None, stride: int | None, tasks: str | None,
@@ -181,10 +185,10 @@ def eval_(paths: tuple[Path, ...], texts: tuple[Path, ...], max_length: int | No
     model = paths[0]
     from dus_plugin.eval.run import evaluate
 
+    path = output or res.default_result_path(model, label)
     result = evaluate(model, texts=list(texts), tasks=tasks, include_paths=list(include_path),
                       use_default_tasks=not no_default_tasks, limit=limit, batch_size=batch_size,
-                      max_length=max_length, stride=stride, label=label, progress=not quiet)
-    path = res.save_result(result, output or Path(model) / "eval" / f"{result['label']}.json")
+                      max_length=max_length, stride=stride, label=label, progress=not quiet, save_to=path)
     click.echo(res.compare_table([result]))
     click.echo(f"wrote {path}", err=True)
 
@@ -254,7 +258,8 @@ def analyze(base: Path, texts: tuple[Path, ...], max_length: int, windows: int, 
     a = run(base, read_texts(texts), max_length=max_length, max_windows=windows, progress=not quiet)
     heatmap(a, output)
     atomic_write_text(output.with_suffix(".json"), json.dumps(a.to_dict(), indent=2))
-    click.echo(f"n = {a.n}; recommended overlap m = {a.recommended_m}: {a.reason}")
+    click.echo(f"n = {a.n}; lowest seam cost right after upscaling: m = {a.recommended_m}: {a.reason}")
+    click.echo(f"for the model after continued pretraining: {a.after_training}")
     click.echo("relative seam cost by m: " + ", ".join(f"{m}: {c:.3f}" for m, c in sorted(a.relative_cost.items())))
     for note in a.notes:
         click.echo(f"note: {note}")

@@ -32,7 +32,8 @@ class Strict(BaseModel):
 
 class EvalSpec(Strict):
     text_files: list[str] = Field(min_length=1)
-    max_length: int = Field(256, gt=1)
+    max_length: Optional[int] = Field(None, gt=1)
+    """Perplexity window in tokens [default: min(context, 512), as `dus eval`]."""
     stride: Optional[int] = None
     tasks: Optional[str] = None
     """lm-eval tasks (h6 or names), needs the [eval] extra."""
@@ -220,6 +221,7 @@ def _stages(r: RunRecipe, train_cfg, out: Path, push: bool, quiet: bool, where: 
     up, final = p["upscaled"], p["final"]
     base_res, up_res, trained_res = p["results"]
     plan_keys = {f: f"upscale.{f}" for f in UpscaleSection.model_fields}
+    eval_keys = {"texts": "eval.text_files", "tasks": "eval.tasks", "include_path": "eval.include_paths"}
     eval_spec = {"eval": r.eval.model_dump(mode="json")}
     plan_fields = r.upscale.model_dump(mode="json", include=set(PlanOptions.model_fields))
     engine = EngineOptions(**r.upscale.model_dump(include=set(EngineOptions.model_fields)))
@@ -233,15 +235,16 @@ def _stages(r: RunRecipe, train_cfg, out: Path, push: bool, quiet: bool, where: 
               lambda: {"recipe.yml": _sha(p["recipe"]), "upscale": engine.model_dump(mode="json"),
                        "base_model_id": r.base_model_id,
                        "versions": {k: version(k) for k in ("mergekit", "transformers")}}, (up,), needs=("plan",)),
-        Stage("eval_base", "eval base", lambda: _eval(r, _base_dir(r), base_res, "base", quiet),
+        Stage("eval_base", "eval base", _naming(lambda: _eval(r, _base_dir(r), base_res, "base", quiet), eval_keys),
               lambda: {"base": r.base, **eval_spec}, (base_res,)),
-        Stage("eval_upscaled", "eval upscaled (before training)", lambda: _eval(r, up, up_res, "upscaled", quiet),
+        Stage("eval_upscaled", "eval upscaled (before training)",
+              _naming(lambda: _eval(r, up, up_res, "upscaled", quiet), eval_keys),
               lambda: {"upscaled": manifest_sha256(up), **eval_spec}, (up_res,), needs=("upscale",)),
         Stage("train", "continued pretraining", lambda: _train(train_cfg, r.launch, out, quiet),
               lambda: {"train": r.train, "launch": r.launch and r.launch.model_dump(mode="json"),
                        "upscaled": manifest_sha256(up)}, (out / "train",), keeps_work=lambda: _has_training(out),
               needs=("upscale",)),
-        Stage("eval_trained", "eval trained", lambda: _eval(r, final, trained_res, "trained", quiet),
+        Stage("eval_trained", "eval trained", _naming(lambda: _eval(r, final, trained_res, "trained", quiet), eval_keys),
               lambda: {"trained": manifest_sha256(final), **eval_spec}, (trained_res,), needs=("train",)),
         Stage("card", "model card", lambda: write_card(final, base_model=r.base_model_id, results=[base_res, up_res]),
               always=True),
@@ -302,13 +305,11 @@ def _base_dir(r: RunRecipe) -> Path:
 
 
 def _eval(r: RunRecipe, model: Path, path: Path, label: str, quiet: bool) -> None:
-    from dus_plugin.eval.results import save_result
     from dus_plugin.eval.run import evaluate
 
     e = r.eval
-    save_result(evaluate(model, texts=e.text_files, tasks=e.tasks, include_paths=e.include_paths,
-                         max_length=e.max_length, stride=e.stride, batch_size=e.batch_size, label=label,
-                         progress=not quiet), path)
+    evaluate(model, texts=e.text_files, tasks=e.tasks, include_paths=e.include_paths, max_length=e.max_length,
+             stride=e.stride, batch_size=e.batch_size, label=label, progress=not quiet, save_to=path)
 
 
 def _train(cfg, launch: LaunchSpec | None, out: Path, quiet: bool) -> None:

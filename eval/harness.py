@@ -19,12 +19,13 @@ leaderboard (and so the paper) averaged the 57 subjects equally. We report both
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dus_plugin.eval.perplexity import EvalError
 
@@ -60,10 +61,11 @@ def parse_tasks(spec: str) -> list[TaskSpec]:
         try:
             shots = int(rest[0]) if rest and rest[0] else None
         except ValueError:
-            raise EvalError(f"--tasks item {item!r}: shots must be a number, e.g. arc_challenge:25") from None
+            raise EvalError(f"`tasks` item {item!r}: shots must be a number, e.g. arc_challenge:25",
+                          setting="tasks") from None
         out.append(TaskSpec(name, shots, rest[1] if len(rest) > 1 else "acc"))
     if not out:
-        raise EvalError("--tasks is empty; give h6 or task names, e.g. --tasks h6 or --tasks dus_tiny_mc")
+        raise EvalError("`tasks` is empty; give h6 or task names, e.g. h6 or dus_tiny_mc", setting="tasks")
     return out
 
 
@@ -71,7 +73,7 @@ def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise EvalError("--tasks needs lm-evaluation-harness: pip install 'dus-plugin[eval]' "
+        raise EvalError("`tasks` needs lm-evaluation-harness: pip install 'dus-plugin[eval]' "
                         "(that is lm-eval[hf]; plain lm-eval lacks what its HF wrapper needs)") from None
 
 
@@ -80,7 +82,8 @@ def _materialize(include: list[Path]) -> Path:
     dst = Path(tempfile.mkdtemp(prefix="dus-tasks-"))
     for k, src in enumerate(include):
         if not src.is_dir():
-            raise EvalError(f"task folder {src} does not exist; pass --include-path DIR with lm-eval task YAMLs")
+            raise EvalError(f"task folder {src} does not exist; give a folder of lm-eval task YAMLs in `include_path`",
+                            setting="include_path")
         for f in src.rglob("*.yaml"):
             target = dst / str(k) / f.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,16 +107,34 @@ def run_tasks(model, tokenizer, tasks: list[TaskSpec], include_paths: list[str |
         scores: dict[str, Any] = {}
         for spec in tasks:
             if spec.name not in manager.all_tasks:
-                raise EvalError(f"lm-eval task {spec.name!r} is unknown; add its YAML folder with --include-path")
+                raise EvalError(f"lm-eval task {spec.name!r} is unknown; add its YAML folder to `include_path`",
+                                setting="include_path")
             LOG.info("lm-eval %s (%s-shot)", spec.name, spec.num_fewshot)
-            out = simple_evaluate(model=lm, tasks=[spec.name], num_fewshot=spec.num_fewshot, task_manager=manager,
-                                  limit=limit, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+            with _no_git_probe():
+                out = simple_evaluate(model=lm, tasks=[spec.name], num_fewshot=spec.num_fewshot,
+                                      task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=0,
+                                      verbosity="ERROR")
             scores[spec.name] = _task_scores(spec, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if {s.name for s in H6} <= scores.keys():
         scores["h6"] = {"average": sum(scores[s.name]["score"] for s in H6) / len(H6) * 100}
     return scores
+
+
+@contextlib.contextmanager
+def _no_git_probe() -> Iterator[None]:
+    """lm-eval runs `git describe` in the working directory to record its commit, and outside a git checkout
+    git prints "fatal: not a git repository" to the terminal. The hash describes the user's folder, not
+    lm-eval or the model, so the probe is skipped while it runs (dus records the versions it used itself)."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def _task_scores(spec: TaskSpec, out: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,10 @@ from typing import Iterable
 from dus_plugin.errors import DusError, EvalError
 
 
+DEFAULT_MAX_LENGTH = 512
+"""The perplexity window when none is given (capped by the model's context): one value everywhere."""
+
+
 @dataclass
 class PerplexityResult:
     tokens: int
@@ -49,7 +53,7 @@ def read_texts(files: Iterable[str | Path]) -> list[str]:
     for f in files:
         p = Path(f)
         if not p.is_file():
-            raise EvalError(f"text file {p} does not exist; pass held-out text with --text FILE")
+            raise EvalError(f"text file {p} does not exist; give held-out text in `texts`", setting="texts")
         text = p.read_text(encoding="utf-8")
         if not text.strip():
             raise EvalError(f"text file {p} is empty")
@@ -76,7 +80,8 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None
     import torch
     from tqdm import tqdm
 
-    max_length = max_length or min(getattr(model.config, "max_position_embeddings", 2048), 2048)
+    max_length = max_length or min(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH),
+                                   DEFAULT_MAX_LENGTH)
     stride = stride or max(1, max_length // 2)
     device = device or next(model.parameters()).device
     jobs = []

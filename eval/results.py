@@ -48,6 +48,16 @@ def make_result(model_dir: str | Path, perplexity: dict | None = None, tasks: di
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
+def default_result_path(model_dir: str | Path, label: str | None) -> Path:
+    """MODEL/eval/<label>.json, except for a model inside the installed package (never written into)."""
+    import dus_plugin
+
+    name = f"{label or model_identity(model_dir)['stage']}.json"
+    package = Path(dus_plugin.__file__).resolve().parent
+    inside = Path(model_dir).resolve().is_relative_to(package)
+    return (Path("eval") if inside else Path(model_dir) / "eval") / name
+
+
 def save_result(result: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,9 +104,42 @@ def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | N
     return rows
 
 
+def window_of(result: dict[str, Any]) -> tuple[int, int] | None:
+    """(max_length, stride) of a result's perplexity, the settings its numbers depend on."""
+    ppl = result.get("perplexity") or {}
+    return (ppl["max_length"], ppl["stride"]) if "max_length" in ppl else None
+
+
+def column_labels(results: list[dict[str, Any]]) -> list[str]:
+    """One label per result, each distinct (a repeated label gets #2, #3) and marked with its perplexity
+    window when the results do not share one."""
+    windows = {w for w in map(window_of, results) if w}
+    labels, seen = [], {}
+    for r in results:
+        label = r.get("label", "?")
+        seen[label] = seen.get(label, 0) + 1
+        label += f" #{seen[label]}" if seen[label] > 1 else ""
+        if len(windows) > 1 and window_of(r):
+            label += f" (window {window_of(r)[0]}/{window_of(r)[1]})"
+        labels.append(label)
+    return labels
+
+
+def settings_line(results: list[dict[str, Any]]) -> str:
+    """Under a table: how perplexity was measured, or a warning that the columns measured it differently."""
+    windows = {w for w in map(window_of, results) if w}
+    if not windows:
+        return ""
+    if len(windows) > 1:
+        return ("Perplexity columns were measured with different windows (max_length/stride in each header): "
+                "their values are not comparable; evaluate again with one --max-length.")
+    length, stride = windows.pop()
+    return f"Perplexity: windows of {length} tokens, stride {stride}, on held-out text."
+
+
 def compare_table(results: list[dict[str, Any]]) -> str:
-    """A Markdown table, one column per result (base, upscaled, trained ...)."""
-    head = "| metric | " + " | ".join(r.get("label", "?") for r in results) + " |"
+    """A Markdown table, one column per result (base, upscaled, trained ...), then how it was measured."""
+    head = "| metric | " + " | ".join(column_labels(results)) + " |"
     sep = "|---|" + "---|" * len(results)
     lines = [head, sep]
     for name, values in metric_rows(results):
@@ -104,4 +147,5 @@ def compare_table(results: list[dict[str, Any]]) -> str:
                  for v in values]
         unit = "" if name in ("perplexity", "bits_per_byte") else " (%)"
         lines.append(f"| {name}{unit} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = settings_line(results)
+    return "\n".join(lines + ([f"\n{note}"] if note else []))

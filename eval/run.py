@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from dus_plugin.eval.perplexity import EvalError, perplexity, read_texts
-from dus_plugin.eval.results import make_result
+from dus_plugin.errors import NetworkError
+from dus_plugin.eval.results import make_result, save_result
+from dus_plugin.network import is_network_error, unreachable
 
 
 def load_model(model_dir: str | Path):
@@ -25,7 +27,9 @@ def load_model(model_dir: str | Path):
 def evaluate(model_dir: str | Path, texts: list[str | Path] = (), tasks: str | None = None,
              include_paths: list[str | Path] = (), use_default_tasks: bool = True, limit: float | None = None,
              batch_size: int = 8, max_length: int | None = None, stride: int | None = None,
-             label: str | None = None, progress: bool = True) -> dict[str, Any]:
+             label: str | None = None, progress: bool = True, save_to: str | Path | None = None) -> dict[str, Any]:
+    """Perplexity on ``texts`` and lm-eval ``tasks`` in one result; with ``save_to``, the perplexity is
+    written there before lm-eval starts, so a task that fails (offline, say) loses nothing computed."""
     if tasks:
         from dus_plugin.eval.harness import require_lm_eval
 
@@ -41,5 +45,18 @@ def evaluate(model_dir: str | Path, texts: list[str | Path] = (), tasks: str | N
     if tasks:
         from dus_plugin.eval.harness import parse_tasks, run_tasks
 
-        scores = run_tasks(model, tok, parse_tasks(tasks), include_paths, use_default_tasks, limit, batch_size)
-    return make_result(model_dir, perplexity=ppl, tasks=scores, label=label)
+        specs = parse_tasks(tasks)
+        if save_to is not None and ppl is not None:
+            save_result(make_result(model_dir, perplexity=ppl, label=label), save_to)
+        try:
+            scores = run_tasks(model, tok, specs, include_paths, use_default_tasks, limit, batch_size)
+        except Exception as e:
+            if not is_network_error(e):
+                raise
+            kept = f" (the perplexity is saved in {save_to})" if save_to is not None and ppl is not None else ""
+            raise NetworkError(unreachable("the dataset host", f"loading the data of lm-eval tasks {tasks}", e)
+                               + kept) from None
+    result = make_result(model_dir, perplexity=ppl, tasks=scores, label=label)
+    if save_to is not None:
+        save_result(result, save_to)
+    return result

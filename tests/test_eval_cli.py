@@ -36,6 +36,53 @@ def test_eval_writes_results_and_compares(tiny_llama, tmp_path):
     ppl_row = next(line for line in table.splitlines() if line.startswith("| perplexity"))
     assert f"{base['perplexity']['perplexity']:.3f}" in ppl_row and f"{up['perplexity']['perplexity']:.3f}" in ppl_row
     assert "| dus_tiny_mc (%) | — |" in table
+    assert "Perplexity: windows of 64 tokens, stride 32" in table
+
+    # issue 16: a result made with another window is marked, never silently side by side; labels stay distinct
+    wide = dus("eval", tiny_llama, "--text", text, "--max-length", 128, "-o", tmp_path / "wide.json", "-q")
+    assert wide.exit_code == 0, wide.output
+    mixed = CliRunner().invoke(main, ["eval", "--compare", str(tmp_path / "base.json"), str(tmp_path / "wide.json")])
+    assert "| metric | base (window 64/32) | base #2 (window 128/64) |" in mixed.output, mixed.output
+    assert "not comparable" in mixed.output
+
+
+def test_eval_never_writes_into_the_installed_package(tmp_path, monkeypatch):
+    from dus_plugin.pipeline import PKG
+
+    monkeypatch.chdir(tmp_path)
+    shipped = PKG / "quickstart_data" / "base"
+    before = sorted(shipped.rglob("*"))
+    r = dus("eval", shipped, "--text", PKG / "quickstart_data" / "heldout.txt", "--max-length", 32, "-q")
+    assert r.exit_code == 0, r.output
+    assert sorted(shipped.rglob("*")) == before and (tmp_path / "eval" / "base.json").is_file()
+
+
+def test_eval_with_an_unreachable_dataset_host_keeps_the_perplexity(tiny_llama, tmp_path):
+    """lm-eval needs a dataset from the Hub, and nothing listens there: one line, and the perplexity is on disk."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "hub_task.yaml").write_text(
+        "task: hub_only_task\ndataset_path: some-org/some-dataset\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: '{{q}}'\ndoc_to_target: 0\ndoc_to_choice: [a, b]\nmetric_list:\n  - metric: acc\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf")}
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "dus_plugin.cli", "eval", str(tiny_llama), "--text", str(HELD_OUT),
+                        "--max-length", "32", "--tasks", "hub_only_task:0", "--include-path", str(tasks),
+                        "--no-default-tasks", "-o", str(out), "-q"], capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[-1].startswith("error: could not reach the dataset host while loading the data of lm-eval tasks")
+    assert "--include-path" in lines[-1] and f"the perplexity is saved in {out}" in lines[-1], lines[-1]
+    assert json.loads(out.read_text())["perplexity"]["tokens"] > 100
 
 
 def test_eval_errors(tiny_llama, tmp_path):

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 LOG = logging.getLogger(__name__)
+# accelerate warns "Removed shared tensor {'lm_head.weight'} while saving" on every checkpoint of a model with
+# tied embeddings. Tying is by design, transformers re-ties at load, and `dus verify` refuses a folder that
+# loads with missing keys, so the warning only alarms: it is silenced at its source, nothing else there.
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 _STEP = re.compile(r"^step-(\d+)$")
 STATE = "trainer_state.json"
 

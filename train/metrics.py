@@ -68,11 +68,16 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, title: str = "Continued pr
         ax.plot(*zip(*train), label="train loss", lw=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
+        if val[0][0] == 0:  # eval_on_start: the seam's cost before any update
+            ax.annotate(f"step 0: {val[0][1]:.3f}", val[0], textcoords="offset points", xytext=(8, 4), fontsize=8)
+    focus = [r["tokens"] for r in rows if r.get("phase") == "focus"]
+    if focus:
+        ax.axvspan(0, max(focus), color="tab:orange", alpha=0.12, label="seam focus (only chosen layers train)")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if train or val:
+    if train or val or focus:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
