@@ -90,8 +90,8 @@ def test_family(model_type, tokenizer, tmp_path):
 
 
 def _assert_upscaled(base, base_model, out, manifest, method):
-    layer_map, prefix = manifest["plan"]["layer_map"], manifest["layers"]["prefix"]
-    zeroed = {k for k, v in manifest["tensors"].items() if v.get("zeroed")}
+    layer_map, prefix = manifest.plan.layer_map, manifest.layers.prefix
+    zeroed = {k for k, v in manifest.tensors.items() if v.zeroed}
     if method == "identity":
         assert zeroed, "identity zeroed nothing"
     zc.tensors_follow_map(out, base, prefix, layer_map, zeroed)
