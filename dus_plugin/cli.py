@@ -108,10 +108,8 @@ def upscale(config: Path, out: Path, overwrite: bool, base_model_id: str | None,
     from dus_plugin.upscale import upscale as run
     from dus_plugin.validation import validated
 
-    engine = pop_model(EngineOptions, options)
-    options = validated(UpscaleOptions, RecipeError, **engine.model_dump(), overwrite=overwrite, verify=not no_verify,
-                        forward=not no_forward, quiet=quiet, base_model_id=base_model_id)
-    m = run(config, out, options)
+    m = run(config, out, validated(UpscaleOptions, RecipeError, **options, overwrite=overwrite, verify=not no_verify,
+                                   forward=not no_forward, quiet=quiet, base_model_id=base_model_id))
     click.echo(f"upscaled {m.base.ref}: {m.plan.n} -> {m.plan.s} layers ({m.method}, {m.engine} engine), "
                f"{len(m.tensors or {})} tensors{'' if no_verify else ', verified'} -> {out}")
 

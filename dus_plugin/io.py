@@ -15,6 +15,14 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def file_sha256(path: str | Path) -> str | None:
+    """sha256 of a small file's bytes (a manifest, a recipe); None when it does not exist."""
+    import hashlib
+
+    path = Path(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def parse_size(value: str | int) -> int:
     """'5B' -> 5_000_000_000 (K, M, B suffixes, as mergekit's option syntax); ValueError if it is none."""
     if isinstance(value, int):

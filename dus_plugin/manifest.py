@@ -8,7 +8,6 @@ A plain base that was trained without an upscale has a manifest too: no ``plan``
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -16,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dus_plugin.errors import ManifestError
-from dus_plugin.io import atomic_write_text
+from dus_plugin.io import atomic_write_text, file_sha256
 from dus_plugin.validation import first_error
 
 MANIFEST = "dus_manifest.json"
@@ -185,5 +184,4 @@ def manifest_path(folder: str | Path) -> Path:
 
 def manifest_sha256(folder: str | Path) -> str | None:
     """Identifies one exact state of a folder's record (eval results point at it)."""
-    path = manifest_path(folder)
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return file_sha256(manifest_path(folder))

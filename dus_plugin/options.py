@@ -10,7 +10,7 @@ from typing import Any, Callable, Literal, TypeVar
 import click
 from pydantic import BaseModel
 
-from dus_plugin.errors import DusError
+from dus_plugin.errors import DusError, RecipeError
 from dus_plugin.validation import validated
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,8 +46,6 @@ def model_options(model: type[BaseModel], short: dict[str, str] | None = None) -
 
 def pop_model(model: type[M], kwargs: dict[str, Any]) -> M:
     """Take ``model``'s fields out of a command's kwargs and validate them (errors name the setting)."""
-    from dus_plugin.errors import RecipeError
-
     return validated(model, RecipeError, **{name: kwargs.pop(name) for name in model.model_fields})
 
 

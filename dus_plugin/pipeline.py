@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dus_plugin.errors import DusError, Interrupted, RecipeError, TrainingLaunchError
-from dus_plugin.io import atomic_write_text, read_yaml_mapping
+from dus_plugin.io import atomic_write_text, file_sha256, read_yaml_mapping
 from dus_plugin.planning import PlanOptions
 from dus_plugin.run_state import Stage, StageRunner
 from dus_plugin.upscale import EngineOptions
@@ -232,7 +232,7 @@ def _stages(r: RunRecipe, train_cfg, out: Path, push: bool, quiet: bool, where: 
               _naming(lambda: upscale(p["recipe"], up, UpscaleOptions(**engine.model_dump(), quiet=quiet,
                                                                     overwrite=True, base_model_id=r.base_model_id)),
                       plan_keys),
-              lambda: {"recipe.yml": _sha(p["recipe"]), "upscale": engine.model_dump(mode="json"),
+              lambda: {"recipe.yml": file_sha256(p["recipe"]), "upscale": engine.model_dump(mode="json"),
                        "base_model_id": r.base_model_id,
                        "versions": {k: version(k) for k in ("mergekit", "transformers")}}, (up,), needs=("plan",)),
         Stage("eval_base", "eval base", _naming(lambda: _eval(r, _base_dir(r), base_res, "base", quiet), eval_keys),
@@ -273,12 +273,6 @@ def _naming(fn: Callable[[], Any], keys: dict[str, str]) -> Callable[[], Any]:
         except DusError as e:
             raise e.naming(keys) from None
     return call
-
-
-def _sha(path: Path) -> str | None:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _interrupt_note(stage: str | None, out: Path, recipe_path: str | Path) -> str:

@@ -113,12 +113,11 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
 
             verify(tmp, base=base_dir, forward=options.forward, quiet=options.quiet)
         _commit(tmp, out)
-    except KeyboardInterrupt:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise Interrupted(f"upscale stopped; its partial output was removed and {out} is unchanged; "
-                          "run the same command again") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"upscale stopped; its partial output was removed and {out} is unchanged; "
+                              "run the same command again") from None
         raise
     LOG.info("upscaled %s -> %s (%d layers)", recipe.model, out, manifest.plan.s)
     return manifest

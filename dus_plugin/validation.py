@@ -22,8 +22,11 @@ def field_path(loc: tuple[Any, ...]) -> str:
 def first_error(e: Any, where: str, unknown_hint: str = "unknown key (misspelled?)") -> str:
     """'<where>: field <path>: <message>' for the first error of a pydantic ValidationError."""
     err = e.errors()[0]
-    msg = unknown_hint if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-    return f"{where}: field {field_path(err['loc'])}: {msg}"
+    return f"{where}: field {field_path(err['loc'])}: {_message(err, unknown_hint)}"
+
+
+def _message(err: dict[str, Any], unknown_hint: str = "unknown key (misspelled?)") -> str:
+    return unknown_hint if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
 
 
 def validated(model: type[M], error: type[DusError], **values: Any) -> M:
@@ -33,7 +36,7 @@ def validated(model: type[M], error: type[DusError], **values: Any) -> M:
     except ValidationError as e:
         err = e.errors()[0]
         name = field_path(err["loc"])
-        raise error(f"`{name}`: {err['msg'].removeprefix('Value error, ')}", setting=name) from None
+        raise error(f"`{name}`: {_message(err)}", setting=name) from None
 
 
 def check_repo_id(value: str) -> str:

@@ -24,7 +24,12 @@ def checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP.match(p.name) and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    """The optimizer step a checkpoint folder (step-0000040) was saved at."""
+    return int(_STEP.match(path.name).group(1))  # type: ignore[union-attr]
 
 
 def latest(root: Path) -> Path | None:

@@ -231,7 +231,7 @@ def _finished(cfg: TrainConfig, ckpt_root: Path) -> TrainResult | None:
     """The finished run's result, when ``resume`` finds nothing left to do."""
     last = checkpoint.latest(ckpt_root)
     summary = Path(cfg.output_dir) / "train_summary.json"
-    if last is None or int(last.name.split("-")[1]) < cfg.total_steps() or not summary.is_file():
+    if last is None or checkpoint.step_of(last) < cfg.total_steps() or not summary.is_file():
         return None
     result = TrainResult(**json.loads(summary.read_text()))
     result.already_finished = True
