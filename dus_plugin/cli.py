@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from dus_plugin.logs import silence_benign
 from dus_plugin.errors import DusError, Interrupted
 from dus_plugin.options import for_command, model_options, pop_model
 from dus_plugin.planning import PlanOptions
@@ -55,6 +56,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def main(verbose: bool) -> None:
     """Depth up-scaling (SOLAR) of language models through mergekit."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    silence_benign()
     if not verbose:
         # transformers resets its logger's level when it is imported (later, lazily): tell it by env
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -137,17 +139,39 @@ def verify(out: Path, base: str | None, no_forward: bool, quiet: bool) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Start over in an output folder that has checkpoints (removes them).")
 @click.option("--stop-after", type=int, default=None, metavar="N", help="Stop after step N with a checkpoint.")
+@click.option("--estimate", is_flag=True, help="Print the memory estimate per device and exit without training.")
+@click.option("--processes", type=int, default=1, show_default=True, help="With --estimate: processes (GPUs).")
+@click.option("--distributed-type", type=click.Choice(["NO", "MULTI_GPU", "FSDP", "DEEPSPEED"]), default=None,
+              help="With --estimate: accelerate's distributed type [default: NO for 1 process, else MULTI_GPU].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_handle_errors
-def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, quiet: bool) -> None:
+def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, estimate: bool, processes: int,
+          distributed_type: str | None, quiet: bool) -> None:
     """Continued pretraining in one process (for several: accelerate launch -m dus_plugin.train)."""
     from dus_plugin.train.config import load_train_config
     from dus_plugin.train.loop import train as run
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite are alternatives; give one")
-    r = run(load_train_config(config), resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite)
+    cfg = load_train_config(config)
+    if estimate:
+        click.echo(_estimate(cfg, processes, distributed_type))
+        return
+    logging.getLogger("dus_plugin.train").setLevel(logging.INFO)  # the estimate, resumes and exports
+    r = run(cfg, resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite)
     click.echo(r.summary())
+
+
+def _estimate(cfg, processes: int, distributed_type: str | None) -> str:
+    from dus_plugin.train import memory
+
+    kind = distributed_type or ("NO" if processes == 1 else "MULTI_GPU")
+    need = memory.estimate(cfg, memory.model_shape(cfg), processes, kind)
+    lines = [need.table()]
+    if cfg.memory_limit_gb:
+        verdict = "fits" if need.total <= cfg.memory_limit_gb * memory.GB else "does not fit"
+        lines.append(f"{verdict} in memory_limit_gb {cfg.memory_limit_gb:g}")
+    return "\n".join(lines)
 
 
 @main.command("eval")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,42 +85,44 @@ def check_readable(folder: Path) -> None:
         read_header(path)
 
 
-class TensorReader:
-    """Open shards lazily and hand out one tensor at a time."""
+def tensor_headers(folder: Path) -> dict[str, SourceTensor]:
+    """Every tensor of a safetensors folder with its place on disk."""
+    out: dict[str, SourceTensor] = {}
+    for file in sorted(set(weight_map(folder).values())):
+        out.update(read_header(folder / file))
+    return out
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.map = weight_map(folder)
-        self._stack = ExitStack()
-        self._open: dict[str, object] = {}
 
-    def __enter__(self) -> "TensorReader":
-        return self
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
 
-    def get(self, name: str):
-        from safetensors import safe_open
+def read_tensor(t: SourceTensor):
+    """One tensor, read with plain file reads: unlike an mmap, the pages do not stay in the process."""
+    import torch
 
-        file = self.map[name]
-        if file not in self._open:
-            self._open[file] = self._stack.enter_context(safe_open(str(self.folder / file), framework="pt"))
-        return self._open[file].get_tensor(name)  # type: ignore[attr-defined]
-
-    def names(self) -> list[str]:
-        return list(self.map)
+    buf = bytearray(t.nbytes)
+    with open(t.file, "rb", buffering=0) as f:
+        f.seek(t.start)
+        view, done = memoryview(buf), 0
+        while done < t.nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise _unreadable(t.file, "it ended inside a tensor")
+            done += n
+    dtype = getattr(torch, SAFETENSORS_DTYPES[t.dtype])
+    if not t.nbytes:
+        return torch.empty(t.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(t.shape)
 
 
 def transformed_bytes(src: SourceTensor, name: str, dtype: str, zero: bool) -> bytes:
     """A tensor cast to ``dtype`` (safetensors name) and/or zeroed, computed as mergekit computes it
     (``x.to(dtype) * 0.0``): the bytes both engines write and verify expects."""
     import torch
-    from safetensors import safe_open
 
-    with safe_open(str(src.file), framework="pt") as f:
-        x = f.get_tensor(name)
-    x = x.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype])
+    x = read_tensor(src).to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype])
     if zero:
         x = x * 0.0
     return x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()

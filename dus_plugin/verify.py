@@ -17,7 +17,7 @@ from typing import Any
 
 from dus_plugin.errors import PlanError, VerifyError
 from dus_plugin.manifest import Manifest
-from dus_plugin.tensors import SourceTensor, TensorReader, read_header, weight_map
+from dus_plugin.tensors import SourceTensor, read_tensor, tensor_headers, weight_map
 
 LOG = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -35,6 +35,8 @@ class VerifyReport:
     trained: bool = False
     """A trained export: tensors are checked to be finite, not against the base."""
     notes: list[str] = field(default_factory=list)
+    held: str = ""
+    """How the forward pass held the model: "streamed" (one module at a time) or "whole"."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
         report.tensors = (_check_against_base(folder, manifest, base_dir, base_config, quiet) if base_dir
                           else _check_hashes(folder, manifest, quiet))
     if forward:
-        _forward(folder, base_dir if manifest.method == "identity" and not report.trained else None)
+        report.held = _forward(folder, base_dir if manifest.method == "identity" and not report.trained else None)
         report.forward = True
     LOG.info("verified %s: %d tensors", folder, report.tensors)
     return report
@@ -152,14 +154,14 @@ def _check_against_base(folder: Path, manifest: Manifest, base_dir: Path, base_c
     from tqdm import tqdm
 
     expected = expected_tensors(base_dir, base_config, manifest.plan.layer_map, manifest.method)
-    found = _headers(folder)
+    found = tensor_headers(folder)
     missing = sorted(set(expected) - set(found))
     if missing:
         raise VerifyError(f"tensor {missing[0]} is implied by the base and the plan but missing from {folder}")
     extra = sorted(set(found) - set(expected))
     if extra:
         raise VerifyError(f"tensor {extra[0]} is in {folder} but the base and the plan do not imply it")
-    sources = _headers(base_dir)
+    sources = tensor_headers(base_dir)
     recorded = manifest.tensors or {}
     with tqdm(total=sum(t.nbytes for t in found.values()), unit="B", unit_scale=True, desc="Verifying tensors",
               disable=quiet) as bar:
@@ -170,13 +172,6 @@ def _check_against_base(folder: Path, manifest: Manifest, base_dir: Path, base_c
                 raise VerifyError(f"tensor {name} in {t.file.name} does not match its hash in the manifest")
             bar.update(t.nbytes)
     return len(found)
-
-
-def _headers(folder: Path) -> dict[str, SourceTensor]:
-    out: dict[str, SourceTensor] = {}
-    for file in sorted(set(weight_map(folder).values())):
-        out.update(read_header(folder / file))
-    return out
 
 
 def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected) -> str:
@@ -216,7 +211,7 @@ def _check_hashes(folder: Path, manifest: Manifest, quiet: bool) -> int:
     from dus_plugin.stream import hash_range
 
     planned = manifest.tensors or {}
-    found = _headers(folder)
+    found = tensor_headers(folder)
     for name in sorted(set(planned) ^ set(found)):
         where = "the manifest" if name in planned else folder
         raise VerifyError(f"tensor {name} is in {where} only")
@@ -230,12 +225,11 @@ def _check_trained(folder: Path, quiet: bool) -> int:
     import torch
     from tqdm import tqdm
 
-    with TensorReader(folder) as out:
-        names = out.names()
-        for name in tqdm(names, desc="Checking tensors", disable=quiet, unit="tensor"):
-            if not torch.isfinite(out.get(name).float()).all():
-                raise VerifyError(f"tensor {name} in {folder} has NaN or infinite values")
-    return len(names)
+    tensors = tensor_headers(folder)
+    for name, t in tqdm(tensors.items(), desc="Checking tensors", disable=quiet, unit="tensor"):
+        if not torch.isfinite(read_tensor(t).float()).all():
+            raise VerifyError(f"tensor {name} in {folder} has NaN or infinite values")
+    return len(tensors)
 
 
 def _load(folder: Path):
@@ -256,31 +250,80 @@ def _load(folder: Path):
     return model.eval()
 
 
-def _forward(folder: Path, identity_base: Path | None) -> None:
-    """Load cleanly, run a forward pass; an identity upscale must give exactly the base's logits."""
+def _forward(folder: Path, identity_base: Path | None) -> str:
+    """Run a forward pass (one module in memory at a time where the family allows it); an identity upscale
+    must give exactly the base's logits. Returns how the model was held: "streamed" or "whole"."""
     import torch
 
+    from dus_plugin.streamed import StreamUnsupported
+
+    from transformers import AutoConfig
+
+    ids = (torch.arange(1, 17).unsqueeze(0) * 7) % AutoConfig.from_pretrained(folder).vocab_size
+    try:
+        logits, ref = _logits_streamed(folder, identity_base, ids)
+        how = "streamed"
+    except StreamUnsupported as e:
+        LOG.info("verify loads %s whole: %s", folder.name, e)
+        logits, ref = _logits_whole(folder, identity_base, ids)
+        how = "whole"
+    if not torch.isfinite(logits).all():
+        raise VerifyError(f"forward pass of {folder} gives non-finite logits")
+    if ref is not None:
+        _same_logits(logits, ref)
+    return how
+
+
+def _logits_streamed(folder: Path, identity_base: Path | None, ids):
+    from dus_plugin.streamed import ShapeMismatch, streamed_logits
+
+    try:
+        logits = streamed_logits(folder, ids)
+        ref = None if identity_base is None else streamed_logits(identity_base, ids, round_to=_file_dtype(folder))
+    except ShapeMismatch as e:
+        raise VerifyError(f"{folder}: {e}") from None
+    return logits, ref
+
+
+def _file_dtype(folder: Path):
+    import torch
+
+    from dus_plugin.tensors import SAFETENSORS_DTYPES
+
+    floating = [t.dtype for t in tensor_headers(folder).values() if t.dtype.startswith(("F", "BF"))]
+    return getattr(torch, SAFETENSORS_DTYPES[max(set(floating), key=floating.count)])
+
+
+def _forward_failed(folder: Path, e: Exception) -> VerifyError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return VerifyError(f"the forward pass of {folder} fails in transformers: {type(e).__name__}: {first}")
+
+
+def _logits_whole(folder: Path, identity_base: Path | None, ids):
+    """The fallback: the whole model in float32 (and then the base, for an identity upscale)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     model = _load(folder)
-    ids = (torch.arange(1, 17).unsqueeze(0) * 7) % model.config.vocab_size
+    out_dtype = _file_dtype(folder)
     try:
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits
-    except Exception as e:  # the folder loads but its config does not describe a model that runs
-        raise VerifyError(f"the forward pass of {folder} fails in transformers: {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
-    if not torch.isfinite(logits).all():
-        raise VerifyError(f"forward pass of {folder} gives non-finite logits")
-    if identity_base is None:
-        return
+    except Exception as e:
+        raise _forward_failed(folder, e) from None
     del model
-    from transformers import AutoModelForCausalLM
-
+    if identity_base is None:
+        return logits, None
     base = AutoModelForCausalLM.from_pretrained(identity_base, dtype=torch.float32).eval()
-    out_dtype = next(p.dtype for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
     with torch.no_grad():
         for p in base.parameters():  # a cast upscale equals the base rounded to its dtype, not the base itself
             p.copy_(p.to(out_dtype).float())
-        ref = base(input_ids=ids, use_cache=False).logits
+        return logits, base(input_ids=ids, use_cache=False).logits
+
+
+def _same_logits(logits, ref) -> None:
+    import torch
+
     # exact on nearly every family; a few reorder float work by depth (a rounding-level 1e-7 difference),
     # far below what one un-zeroed projection does (1e-2 and up)
     if not torch.allclose(logits, ref, rtol=0, atol=1e-5 * float(ref.abs().max())):

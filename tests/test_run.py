@@ -117,10 +117,10 @@ def test_dus_run_trains_under_a_two_process_accelerate_launch(tmp_path, monkeypa
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
     capfd.readouterr()
     # fails inside the training processes: one line from the process, one from the launcher, no traceback
-    bad = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), "-q", "--set", "train.data.seq_len=100000000"])
+    bad = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), "-q", "--set", "train.memory_limit_gb=0.001"])
     assert bad.exit_code == 1 and "accelerate launch exited with status 1" in bad.output, bad.output
     err = capfd.readouterr().err
-    assert err.count("less than one training sequence") == 1 and "Traceback" not in err, err
+    assert err.count("training needs about") == 1 and "Traceback" not in err, err
     assert re.search(r"error: training process \d exited with status 1", err), err
     assert not (tmp_path / "qs" / "train" / "final").exists()
     r = CliRunner().invoke(main, ["run", str(tmp_path / "r.yml"), "-q"], catch_exceptions=False)

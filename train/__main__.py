@@ -8,6 +8,7 @@ import os
 import sys
 
 from dus_plugin.errors import DusError, Interrupted
+from dus_plugin.logs import silence_benign
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "accelerate", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    silence_benign()
     from dus_plugin.train.config import TrainConfigError, load_train_config
     from dus_plugin.train.loop import train
 

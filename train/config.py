@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -53,6 +53,9 @@ class DataConfig(Strict):
 
 
 class OptimizerConfig(Strict):
+    name: Literal["adamw", "adamw8bit"] = "adamw"
+    """adamw: torch's AdamW, 8 bytes of state per trained parameter; adamw8bit: torchao's 8-bit AdamW,
+    about 2 bytes (install the [lowmem] extra)."""
     lr: float = Field(gt=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -87,6 +90,18 @@ class SeamConfig(Strict):
         return self
 
 
+class TrainOnlyConfig(Strict):
+    """Train only some layers: the rest get no gradient and no optimizer state (LLaMA Pro-style)."""
+
+    layers: Union[Literal["duplicated", "seam_window"], list[int]]
+    """duplicated: the second copy of each duplicated layer (what an identity upscale zeroed);
+    seam_window: `window` layers on each side of the seam; or a list of output layer indices."""
+    window: int = Field(2, ge=1)
+    """seam_window: layers on each side of the seam."""
+    non_layer: bool = False
+    """Also train what is outside the layer stack: embeddings, final norm, output head."""
+
+
 class EvalHookConfig(Strict):
     every: int = Field(0, ge=0)
     """Run the eval hook every N steps (0: only at the end, if text_files are given)."""
@@ -110,6 +125,15 @@ class TrainConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     grad_clip: Optional[float] = Field(1.0, gt=0)
     precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16: matmuls in bf16 autocast; fp32: everything in float32."""
+    master_weights: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the trained weights and their gradients. bf16 halves both; it needs optimizer.name: adamw8bit,
+    whose stochastic rounding keeps updates smaller than a bf16 step."""
+    train_only: Optional[TrainOnlyConfig] = None
+    """Freeze everything except these layers [default: train everything]."""
+    memory_limit_gb: Optional[float] = Field(None, gt=0)
+    """Refuse to start when the memory estimate per device exceeds this [default: the GPU's memory;
+    on CPU, the machine's RAM shared by the processes]."""
     activation_checkpointing: bool = False
     compile: bool = False
     fused_projections: bool = False
@@ -136,6 +160,11 @@ class TrainConfig(Strict):
     def _length(self) -> "TrainConfig":
         if (self.max_steps is None) == (self.max_tokens is None):
             raise ValueError("give exactly one of max_steps and max_tokens")
+        if self.master_weights == "bf16" and self.optimizer.name != "adamw8bit":
+            raise ValueError("master_weights: bf16 needs optimizer.name: adamw8bit (stochastic rounding); plain "
+                             "AdamW on bf16 weights rounds small updates away")
+        if self.master_weights == "bf16" and self.precision == "fp32":
+            raise ValueError("master_weights: bf16 computes in bf16; set precision: bf16 or master_weights: fp32")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                              f"{self.micro_batch_size}")

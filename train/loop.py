@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dus_plugin.errors import CheckpointError, DusError, Interrupted, TrainingDiverged
-from dus_plugin.train import checkpoint
+from dus_plugin.errors import CheckpointError, DusError, Interrupted, TrainConfigError, TrainingDiverged
+from dus_plugin.train import checkpoint, memory
 from dus_plugin.train.config import TrainConfig
 from dus_plugin.train.data import PackedData
 from dus_plugin.train.metrics import MetricsLog, plot_loss
 from dus_plugin.train.schedule import LRSchedule
-from dus_plugin.train.seam import param_groups, read_layout
+from dus_plugin.train.seam import freeze, param_groups, read_layout
 
 LOG = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class TrainResult:
     tokens_per_second: float | None = None
     processes: int = 1
     distributed_type: str = "NO"
+    estimate_gb: float | None = None
+    """The memory planner's figure per device, before the run."""
+    peak_gpu_gb: float | None = None
+    """torch.cuda.max_memory_allocated on this process's GPU (None on CPU)."""
 
     already_finished: bool = False
     """``resume`` found the run finished; nothing was trained now."""
@@ -55,7 +59,9 @@ def _accelerator(cfg: TrainConfig):
 
     # The Accelerator must be made first: a bare PartialState() would fix accelerate's shared state
     # without the launcher's ACCELERATE_USE_CPU, leaving every CPU process alone in its own world.
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    # bf16 master weights compute in bf16 already; autocast is for float32 weights
+    autocast = cfg.precision == "bf16" and cfg.master_weights == "fp32"
+    accelerator = Accelerator(mixed_precision="bf16" if autocast else "no")
     accelerator.gradient_accumulation_steps = cfg.grad_accum(accelerator.num_processes)
     return accelerator
 
@@ -66,8 +72,13 @@ def _load_model(cfg: TrainConfig, accelerator):
 
     if not (Path(cfg.model) / "config.json").is_file():
         raise DusError(f"model folder {cfg.model} has no config.json; set `model:` to an upscaled folder")
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
+    trainable = freeze(model, cfg.train_only, read_layout(cfg.model))
+    if cfg.train_only is not None:
+        LOG.info("training %.3gB of %.3gB parameters (train_only)", trainable / 1e9,
+                 sum(p.numel() for p in model.parameters()) / 1e9)
     if cfg.fused_projections:
         from dus_plugin.train.fused import fuse_projections
 
@@ -83,13 +94,27 @@ def _optimizer(cfg: TrainConfig, model, accelerator):
     from torch.optim.lr_scheduler import LambdaLR
 
     groups = param_groups(model, cfg.seam, read_layout(cfg.model), cfg.optimizer.lr, cfg.optimizer.weight_decay)
-    fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else accelerator.device.type == "cuda"
-    opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
-                            fused=fused)
+    if cfg.optimizer.name == "adamw8bit":
+        opt = _adamw8bit(cfg, groups)
+    else:
+        fused = cfg.optimizer.fused if cfg.optimizer.fused is not None else accelerator.device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
+                                fused=fused)
     total = cfg.total_steps()
     frozen_until = cfg.seam.focus_steps if cfg.seam.focus != "none" else 0
     lambdas = [LRSchedule(cfg.schedule, total, frozen_until, g["focus"]) for g in groups]
     return opt, LambdaLR(opt, lambdas)
+
+
+def _adamw8bit(cfg: TrainConfig, groups: list[dict[str, Any]]):
+    try:
+        from torchao.optim import AdamW8bit
+    except ImportError:
+        raise TrainConfigError("optimizer.name: adamw8bit needs torchao; install the [lowmem] extra "
+                               "(pip install -e '.[lowmem]')") from None
+    # bf16 weights keep an update smaller than their last bit only through stochastic rounding
+    return AdamW8bit(groups, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps,
+                     bf16_stochastic_round=cfg.master_weights == "bf16")
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None,
@@ -113,6 +138,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         return done
     set_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
+    need = memory.check_fits(cfg, world, accelerator.distributed_type.value, accelerator.device.type)
+    if accelerator.is_main_process:
+        LOG.info("%s", need.table())
     accum, total = cfg.grad_accum(world), cfg.total_steps()
     model, tokenizer = _load_model(cfg, accelerator)
     failed = None
@@ -170,7 +198,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             row: dict[str, Any] = {}
             if done % cfg.log_every == 0 or done == total:
                 rate = tok_log / (time.perf_counter() - t_log)
-                row = {"loss": loss, "lr": max(sched.get_last_lr()), "tokens_per_s": rate, "phase": phase}
+                row = {"loss": loss, "lr": float(max(sched.get_last_lr())), "tokens_per_s": rate, "phase": phase}
                 t_log, tok_log = time.perf_counter(), 0
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
                 last_val = validation_loss(cfg, model, data, accelerator)
@@ -191,7 +219,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     metrics.close()
     result = TrainResult(end, tokens_seen, last_loss, last_val, str(out),
                          phases={k: sum(v) / len(v) for k, v in phase_losses.items()}, tokens_per_second=rate,
-                         processes=world, distributed_type=str(accelerator.distributed_type.value))
+                         processes=world, distributed_type=str(accelerator.distributed_type.value),
+                         estimate_gb=round(need.total / 1e9, 2), peak_gpu_gb=_peak_gpu_gb(accelerator))
     if accelerator.is_main_process:
         plot_loss(metrics.rows(), out / "loss_curve.png")
     if cfg.export and end == total:
@@ -200,6 +229,14 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         (out / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
     accelerator.end_training()
     return result
+
+
+def _peak_gpu_gb(accelerator) -> float | None:
+    import torch
+
+    if accelerator.device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(accelerator.device) / 1e9, 2)
 
 
 def _on_disk(out: Path, ckpt_root: Path, step: int) -> str:

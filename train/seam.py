@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dus_plugin.train.config import SeamConfig, TrainConfigError
+from dus_plugin.train.config import SeamConfig, TrainConfigError, TrainOnlyConfig
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,37 @@ def param_groups(model: Any, seam: SeamConfig, layout: SeamLayout | None, lr: fl
         g["initial_lr"] = g["lr"]
         out.append(g)
     return out
+
+
+def chosen_layers(train_only: TrainOnlyConfig, layout: SeamLayout | None, num_layers: int) -> set[int]:
+    """The output layers that ``train_only`` keeps trainable."""
+    if isinstance(train_only.layers, list):
+        bad = [i for i in train_only.layers if not 0 <= i < num_layers]
+        if bad:
+            raise TrainConfigError(f"train_only.layers names layer {bad[0]}; the model has layers 0..{num_layers - 1}")
+        return set(train_only.layers)
+    if layout is None:
+        raise TrainConfigError(f"train_only.layers: {train_only.layers} needs dus_manifest.json in the model folder; "
+                               "train a folder made by `dus upscale` or list the layers")
+    return set(layout.duplicated) if train_only.layers == "duplicated" else layout.window(train_only.window)
+
+
+def freeze(model: Any, train_only: TrainOnlyConfig | None, layout: SeamLayout | None) -> int:
+    """Turn off gradients outside the chosen layers; returns the number of trainable parameters."""
+    from dus_plugin.architecture import find_stack
+
+    if train_only is not None:
+        n = model.config.num_hidden_layers
+        keep = chosen_layers(train_only, layout, n)
+        prefix = find_stack(model, n) + "."
+        for name, p in model.named_parameters():
+            layer = layer_of(name, prefix)
+            p.requires_grad_(layer in keep if layer is not None else train_only.non_layer)
+    return sum(p.numel() for p in _unique(model) if p.requires_grad)
+
+
+def _unique(model: Any) -> list:
+    seen: dict[int, Any] = {}
+    for p in model.parameters():
+        seen.setdefault(id(p), p)
+    return list(seen.values())

@@ -1,0 +1,146 @@
+"""Memory modes of the trainer (train_only, 8-bit AdamW on bf16 weights) and the memory planner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dus_plugin.errors import TrainConfigError
+from dus_plugin.train import memory
+from dus_plugin.train.config import load_train_config
+from dus_plugin.train.loop import train
+from dus_plugin.upscale import UpscaleOptions, upscale
+
+from helpers import assert_one_line_error, dus, dus_ok, tensors
+from test_train import make_config
+
+
+@pytest.fixture(scope="module")
+def identity_dus(tiny_llama, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("identity")
+    dus_ok("plan", tiny_llama, "--drop", 2, "--method", "identity", "-o", root / "r.yml")
+    upscale(root / "r.yml", root / "model", UpscaleOptions(quiet=True, forward=False))
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def wide_dus(tmp_path_factory) -> Path:
+    """Hidden 64: the matrices have >= 4096 values, so torchao really keeps them in 8 bits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dus_plugin.fixtures import make_tokenizer
+
+    root = tmp_path_factory.mktemp("wide")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                 num_hidden_layers=4, vocab_size=len(tok))).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    dus_ok("plan", root / "base", "--drop", 1, "-o", root / "r.yml")
+    upscale(root / "r.yml", root / "model", UpscaleOptions(quiet=True, forward=False))
+    return root / "model"
+
+
+def _optimizer_state(run: Path) -> dict:
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    return torch.load(ckpt / "optimizer.bin", weights_only=False)
+
+
+def test_train_only_duplicated_freezes_the_rest_with_no_gradient_or_state(tmp_path, identity_dus):
+    cfg = load_train_config(make_config(tmp_path, identity_dus, max_steps=3, save_every=0, seam={"focus": "none"},
+                                        train_only={"layers": "duplicated"}))
+    before = tensors(identity_dus)
+    after = tensors(Path(train(cfg, quiet=True).export_dir))
+    dup = {6, 7, 8, 9}  # m = 2 on 8 layers: outputs 6..9 are the second copies of base layers 2..5
+    for name, t in after.items():
+        layer = int(name.split(".")[2]) if ".layers." in name else None
+        assert torch.equal(t, before[name]) == (layer not in dup), name
+    per_layer = sum(1 for n in before if n.startswith("model.layers.0."))
+    assert len(_optimizer_state(tmp_path / "run")["state"]) == len(dup) * per_layer
+
+
+def test_train_only_errors_name_the_field(tmp_path, tiny_llama, identity_dus):
+    with pytest.raises(TrainConfigError, match="train_only.layers names layer 40"):
+        train(load_train_config(make_config(tmp_path / "a", identity_dus, train_only={"layers": [1, 40]})), quiet=True)
+    with pytest.raises(TrainConfigError, match="train_only.layers: duplicated needs dus_manifest.json"):
+        train(load_train_config(make_config(tmp_path / "b", tiny_llama, seam={"focus": "none"},
+                                            train_only={"layers": "duplicated"})), quiet=True)
+    with pytest.raises(TrainConfigError, match="master_weights: bf16 needs optimizer.name: adamw8bit"):
+        load_train_config(make_config(tmp_path / "c", tiny_llama, master_weights="bf16"))
+
+
+def _curve(run: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_adamw8bit_on_bf16_weights_tracks_adamw(tmp_path, wide_dus):
+    common = dict(max_steps=30, save_every=0, eval_every=0, seam={"focus": "none", "seam_lr_multiplier": 1.0})
+    runs = {"adamw": {}, "adamw8bit": {"optimizer": {"name": "adamw8bit"}},
+            "bf16": {"optimizer": {"name": "adamw8bit"}, "master_weights": "bf16", "precision": "bf16"}}
+    finals = {}
+    for name, over in runs.items():
+        result = train(load_train_config(make_config(tmp_path / name, wide_dus, **common, **over)), quiet=True)
+        curve = _curve(tmp_path / name / "run")
+        assert curve[-1] < curve[0] - 1.0, (name, curve)
+        finals[name] = result.loss
+    assert abs(finals["adamw8bit"] - finals["adamw"]) < 0.05, finals
+    assert abs(finals["bf16"] - finals["adamw"]) < 0.1, finals
+    states = [s["exp_avg"] for s in _optimizer_state(tmp_path / "bf16" / "run")["state"].values()]
+    assert sum(type(s).__name__ == "OptimState8bit" for s in states) >= 4 * 7  # every matrix of every layer
+    exported = tensors(tmp_path / "bf16" / "run" / "final")
+    assert {t.dtype for t in exported.values()} == {torch.float32}  # saved in the model's own dtype
+
+
+def test_adamw8bit_resumes_where_it_stopped(tmp_path, wide_dus):
+    over = dict(max_steps=6, save_every=3, eval_every=0, seam={"focus": "none", "seam_lr_multiplier": 1.0},
+                optimizer={"name": "adamw8bit"}, master_weights="bf16", precision="bf16")
+    ref = tensors(Path(train(load_train_config(make_config(tmp_path / "a", wide_dus, **over)), quiet=True).export_dir))
+    cfg = load_train_config(make_config(tmp_path / "b", wide_dus, **over))
+    train(cfg, quiet=True, stop_after=3)
+    got = tensors(Path(train(cfg, quiet=True, resume=True).export_dir))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+# --- the planner --------------------------------------------------------------------------------
+
+def test_estimate_terms_follow_the_modes(tmp_path, identity_dus):
+    def need(processes=1, kind="NO", **over):
+        cfg = load_train_config(make_config(tmp_path, identity_dus, seam={"focus": "none"}, **over))
+        return memory.estimate(cfg, memory.model_shape(cfg), processes, kind)
+
+    full = need()
+    params = full.params
+    assert full.weights == 4 * params and full.gradients == 4 * params and full.optimizer == 8 * params
+    low = need(optimizer={"name": "adamw8bit"}, master_weights="bf16", precision="bf16")
+    assert low.weights == 2 * params and low.gradients == 2 * params and low.optimizer < full.optimizer
+    frozen = need(train_only={"layers": "duplicated"})
+    assert frozen.trainable < params / 2 and frozen.gradients == 4 * frozen.trainable
+    assert need(activation_checkpointing=True).activations < full.activations
+    sharded = need(processes=4, kind="FSDP")
+    assert sharded.weights == full.weights / 4 and sharded.optimizer == full.optimizer / 4
+    assert need(processes=2, kind="MULTI_GPU").gradients == 2 * full.gradients  # DDP's buckets
+
+
+def test_a_run_that_cannot_fit_is_refused_with_what_would_fit(tmp_path, identity_dus):
+    cfg = load_train_config(make_config(tmp_path, identity_dus, seam={"focus": "none"}))
+    full = memory.estimate(cfg, memory.model_shape(cfg))
+    low_cfg = cfg.model_copy(update={"master_weights": "bf16", "precision": "bf16", "activation_checkpointing": True,
+                                     "micro_batch_size": 1,
+                                     "optimizer": cfg.optimizer.model_copy(update={"name": "adamw8bit"})})
+    low = memory.estimate(low_cfg, memory.model_shape(low_cfg))
+    mid_cfg = cfg.model_copy(update={"activation_checkpointing": True, "micro_batch_size": 1})
+    mid = memory.estimate(mid_cfg, memory.model_shape(mid_cfg))
+    assert low.total < mid.total < full.total
+    limit = (low.total + mid.total) / 2 / memory.GB
+    path = make_config(tmp_path, identity_dus, seam={"focus": "none"}, memory_limit_gb=limit)
+    line = assert_one_line_error(dus("train", path, "-q"), "training needs about", "memory_limit_gb",
+                                 "it would fit with activation_checkpointing: true, micro_batch_size: 1, "
+                                 "optimizer.name: adamw8bit and master_weights: bf16")
+    assert not (tmp_path / "run" / "checkpoints").exists(), line
+
+    estimate = dus_ok("train", path, "--estimate").output
+    assert "memory estimate per device" in estimate and "does not fit in memory_limit_gb" in estimate
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

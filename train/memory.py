@@ -1,0 +1,234 @@
+"""How much memory a training run needs on each device, before it starts, and what would make it fit.
+
+The estimate is arithmetic over the config and the model's parameter counts (built on the meta device):
+
+- weights: 4 bytes per parameter with fp32 master weights, 2 with bf16;
+- gradients: the same per *trained* parameter (DDP keeps a second copy in its communication buckets);
+- optimizer: AdamW 8 bytes per trained parameter; torchao's 8-bit AdamW 2 bytes plus a float scale per
+  256-value block (tensors under 4096 values keep plain states), and float32 scratch for the largest
+  tensor while it steps;
+- activations: what backward keeps per token and layer for a Llama-shaped block (see ``_per_token_layer``),
+  or, with activation checkpointing, each layer's input plus one layer being recomputed; the logits and
+  their float32 loss; with fp32 master weights under bf16 autocast, the bf16 weight copies autocast
+  keeps for backward.
+
+FSDP and DeepSpeed (ZeRO-3) divide weights, gradients and optimizer states by the process count and
+add two layers gathered whole. The figure is compared with ``torch.cuda.max_memory_allocated`` in
+benchmarks/solar_scale.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dus_plugin.train.config import TrainConfig
+
+GB = 1e9
+SHARDED = ("FSDP", "DEEPSPEED")
+SMALL_TENSOR = 4096
+"""torchao keeps plain float states for tensors with fewer values than this."""
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs to know about the model."""
+
+    params: int
+    trainable: int
+    largest_trainable: int
+    layers: int
+    layer_params: int
+    """Parameters of the largest decoder layer."""
+    hidden: int
+    intermediate: int
+    kv_dim: int
+    vocab: int
+    low_bit_state_bytes: int
+    """8-bit AdamW state bytes over the trained tensors (blocks, scales, small tensors kept plain)."""
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    params: int
+    trainable: int
+    processes: int
+    distributed_type: str
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def table(self) -> str:
+        rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer),
+                ("activations", self.activations), ("total", self.total)]
+        head = (f"memory estimate per device: {self.params / 1e9:.2f}B parameters, {self.trainable / 1e9:.2f}B "
+                f"trained, {self.processes} process(es), {self.distributed_type}")
+        return "\n".join([head] + [f"  {name:<17}{size(value):>10}" for name, value in rows])
+
+    def parts(self) -> str:
+        return (f"weights {size(self.weights)}, gradients {size(self.gradients)}, optimizer {size(self.optimizer)}, "
+                f"activations {size(self.activations)}")
+
+
+def size(n: float) -> str:
+    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
+def model_shape(cfg: TrainConfig) -> ModelShape:
+    """Parameter counts of the configured model, with ``train_only`` applied, from a meta-device build."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dus_plugin.architecture import find_stack
+    from dus_plugin.train.seam import freeze, read_layout
+
+    config = AutoConfig.from_pretrained(cfg.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    trainable = freeze(model, cfg.train_only, read_layout(cfg.model))
+    unique = {id(p): p for p in model.parameters()}.values()
+    stack = model.get_submodule(find_stack(model, config.num_hidden_layers))
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    trained = [p for p in unique if p.requires_grad]
+    return ModelShape(
+        params=sum(p.numel() for p in unique), trainable=trainable,
+        largest_trainable=max((p.numel() for p in trained), default=0), layers=len(stack),
+        layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in stack),
+        hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
+        kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim, vocab=config.vocab_size,
+        low_bit_state_bytes=sum(_low_bit_state(p.numel(), p.element_size() if cfg.master_weights == "fp32" else 2)
+                                for p in trained))
+
+
+def _low_bit_state(numel: int, param_bytes: int) -> int:
+    if numel < SMALL_TENSOR or numel % 256:
+        return 2 * numel * param_bytes
+    return 2 * numel + 2 * 4 * math.ceil(numel / 256)
+
+
+def estimate(cfg: TrainConfig, shape: ModelShape, processes: int = 1, distributed_type: str = "NO") -> MemoryEstimate:
+    """Peak bytes per device for this config on ``processes`` devices under ``distributed_type``."""
+    wbytes = 2 if cfg.master_weights == "bf16" else 4
+    shards = processes if distributed_type in SHARDED else 1
+    weights = shape.params * wbytes / shards
+    gradients = shape.trainable * wbytes / shards * (2 if distributed_type == "MULTI_GPU" else 1)
+    if cfg.optimizer.name == "adamw8bit":
+        optimizer = shape.low_bit_state_bytes / shards + 16 * shape.largest_trainable
+    else:
+        optimizer = 8 * shape.trainable / shards * (wbytes / 4)
+    activations = _activations(cfg, shape)
+    if shards > 1:
+        activations += 2 * shape.layer_params * 2  # the layer being computed and the next, gathered in bf16
+    return MemoryEstimate(weights, gradients, optimizer, activations, shape.params, shape.trainable, processes,
+                          distributed_type)
+
+
+def _per_token_layer(cfg: TrainConfig, shape: ModelShape) -> float:
+    """Bytes one token leaves for backward in one decoder layer (pre-norm attention + gated MLP, bf16 autocast):
+    norms keep their float32 input and output; every projection keeps its bf16 input; attention keeps q, k, v,
+    the rotated q and k and its output; the gated MLP keeps gate, up, their activation and product."""
+    act = 2 if cfg.precision == "bf16" else 4
+    residual = 4 if cfg.master_weights == "fp32" or cfg.precision == "fp32" else 2
+    h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
+    norms = 2 * 2 * residual * h
+    projections = (3 + 1 + 2) * act * h  # q, k, v see the normed input; o sees attention out; gate, up the normed
+    attention = act * (2 * h + 3 * kv + h)
+    mlp = 4 * act * i
+    return norms + projections + attention + mlp
+
+
+def _activations(cfg: TrainConfig, shape: ModelShape) -> float:
+    tokens = cfg.micro_batch_size * cfg.data.seq_len
+    residual = 4 if cfg.master_weights == "fp32" or cfg.precision == "fp32" else 2
+    per_layer = tokens * _per_token_layer(cfg, shape)
+    if cfg.activation_checkpointing:
+        kept = shape.layers * tokens * shape.hidden * residual + per_layer
+    else:
+        kept = shape.layers * per_layer
+    logits = tokens * shape.vocab * (2 + 4 + 4 + 4)  # bf16 logits, their float32 copy, log-softmax and its grad
+    autocast_copies = 0.0
+    if cfg.master_weights == "fp32" and cfg.precision == "bf16":
+        held = shape.layer_params if cfg.activation_checkpointing else shape.params
+        autocast_copies = 2 * held
+    return kept + logits + autocast_copies
+
+
+def device_capacity(device_type: str, processes: int) -> float | None:
+    """Bytes one process may use: the GPU's memory, or the machine's RAM shared by the processes."""
+    if device_type == "cuda":
+        import torch
+
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / processes
+    except (ValueError, OSError):
+        return None
+
+
+# What a user can change, in the order that costs the least model quality or speed.
+REMEDIES: list[tuple[str, dict[str, Any]]] = [
+    ("activation_checkpointing: true", {"activation_checkpointing": True}),
+    ("micro_batch_size: 1", {"micro_batch_size": 1}),
+    ("optimizer.name: adamw8bit and master_weights: bf16", {"optimizer": {"name": "adamw8bit"},
+                                                            "master_weights": "bf16", "precision": "bf16"}),
+    ("train_only.layers: duplicated", {"train_only": {"layers": "duplicated"}}),
+]
+
+
+def what_fits(cfg: TrainConfig, shape_of, processes: int, distributed_type: str, capacity: float) -> str | None:
+    """The first (cumulative) set of changes under which the estimate fits, as the words a user would type."""
+    changed = cfg.model_dump()
+    said: list[str] = []
+    for words, change in REMEDIES:
+        changed = _merge(changed, change)
+        said.append(words)
+        try:
+            trial = TrainConfig.model_validate(changed)
+        except ValueError:
+            continue
+        need = estimate(trial, shape_of(trial), processes, distributed_type)
+        if need.total <= capacity:
+            return f"{', '.join(said)} (about {size(need.total)})"
+    return None
+
+
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    if out.get("micro_batch_size") == 1 and "global_batch_size" in out:
+        out["global_batch_size"] = base["global_batch_size"]
+    return out
+
+
+def check_fits(cfg: TrainConfig, processes: int, distributed_type: str, device_type: str) -> MemoryEstimate:
+    """The estimate for this run; TrainConfigError naming what would fit when it exceeds the device."""
+    from dus_plugin.errors import DusError, TrainConfigError
+
+    need = estimate(cfg, model_shape(cfg), processes, distributed_type)
+    capacity = cfg.memory_limit_gb * GB if cfg.memory_limit_gb else device_capacity(device_type, processes)
+    if capacity is None or need.total <= capacity:
+        return need
+
+    def shape_of(trial: TrainConfig) -> ModelShape:
+        try:
+            return model_shape(trial)
+        except DusError:  # e.g. train_only: duplicated on a folder without a manifest
+            return ModelShape(**{**vars(model_shape(cfg)), "trainable": 10**18})
+
+    fix = what_fits(cfg, shape_of, processes, distributed_type, capacity)
+    where = "the memory_limit_gb set" if cfg.memory_limit_gb else f"the {device_type.upper()} memory"
+    advice = (f"it would fit with {fix}" if fix else
+              "no single-device setting makes it fit; shard it over more GPUs with FSDP (train/fsdp.yaml)")
+    raise TrainConfigError(f"training needs about {size(need.total)} per device ({need.parts()}), more than "
+                           f"{where} ({size(capacity)}); {advice}", setting="memory_limit_gb")
