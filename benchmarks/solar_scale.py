@@ -19,13 +19,14 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from measure import run_measured  # noqa: E402
+
 BF16_PEAK = {"H100": 989e12, "H200": 989e12}
 MISTRAL_7B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                   num_hidden_layers=32, vocab_size=32000, max_position_embeddings=32768, sliding_window=4096,
@@ -86,22 +87,8 @@ class Bench:
 
 
 def dus(*args, env: dict | None = None, launch: list[str] | None = None) -> tuple[float, float, str]:
-    """Run `dus ARGS` (or `accelerate launch ... -m dus_plugin.train`) in its own process: (seconds, peak RSS GB, output)."""
-    cmd = [sys.executable, "-m", "dus_plugin.cli", *map(str, args)] if launch is None else launch
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-    lines = []
-    for line in proc.stdout:  # type: ignore[union-attr]
-        lines.append(line)
-        if not line.startswith(("Writing", "Loading", "Verifying", "Hashing", "Checking", "Training")):
-            print("   ", line.rstrip()[:300], flush=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    out = "".join(lines)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd[-4:])} exited {os.waitstatus_to_exitcode(status)}: {out[-800:]}")
-    return seconds, usage.ru_maxrss / 1024 / 1024, out
+    """`dus ARGS` (or a launch command) in its own process: (seconds, peak RSS GB, output)."""
+    return run_measured([sys.executable, "-m", "dus_plugin.cli", *map(str, args)] if launch is None else launch, env)
 
 
 def _ram_gb() -> float:
@@ -246,7 +233,7 @@ def train_flops_per_token(b: Bench, trainable_layers: int | None) -> float:
     fwd = 2 * (s * layer + head) + s * attn
     if trainable_layers is None:
         return 3 * fwd
-    lowest = s - b.drop * 2 if trainable_layers else s  # duplicated copies start at output layer n - m
+    lowest = b.shape["num_hidden_layers"] - b.drop  # the second copies of the duplicated layers start at n - m
     above = (s - lowest) * (2 * layer + attn) + 2 * head
     return fwd + above + 2 * trainable_layers * layer
 
@@ -303,13 +290,16 @@ def push(b: Bench) -> None:
 
 def fsdp(b: Bench) -> None:
     """accelerate launch with train/fsdp.yaml at one process: stop at step 10 with a sharded checkpoint,
-    resume to 20, export; the export must verify."""
+    resume to 20, export; the export must verify. torch AdamW with float32 master weights for the two layers
+    at the seam (torchao's 8-bit states fail under FSDP2 in torchao 0.18 + torch 2.11); the frozen rest stays
+    bf16. The checkpoint and the export (~48 GB) go to /dev/shm when the disk lacks room beside the model."""
     name = "fsdp"
-    out = Path("/dev/shm/dus-fsdp") if _free_gb(b.work) < 60 else b.work / name  # checkpoint + export
+    out = Path("/dev/shm/dus-fsdp") if _free_gb(b.work) < 60 else b.work / name
     cfg = train_config(b, name, output_dir=str(out), max_steps=20, save_every=10, save_final=True, export=True,
-                       train_only={"layers": "duplicated"})
+                       optimizer={"name": "adamw", "lr": 1e-5}, master_weights="fp32",
+                       train_only={"layers": "seam_window", "window": 1})
     shutil.rmtree(out, ignore_errors=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "train" / "fsdp.yaml"),
+    launch = [sys.executable, "-m", "dus_plugin.train.launch", "--config_file", str(REPO / "train" / "fsdp.yaml"),
               "--num_processes", "1", "-m", "dus_plugin.train", str(cfg), "-q"]
     t0 = time.perf_counter()
     dus(launch=launch + ["--stop-after", "10"])

@@ -1,4 +1,5 @@
-"""`dus upscale` (streaming engine) vs stock `mergekit-yaml` vs `cp -r` of the same output, side by side.
+"""`dus upscale` (streaming engine; unverified, verified without and with the forward pass, the default) vs
+stock `mergekit-yaml` vs `cp -r` of the same output, side by side.
 
 A random Llama checkpoint (hidden 2048, intermediate 5632, 32 layers, vocab 32000: 1.54B params,
 3.1 GB bf16 in two shards) is upscaled with m = 8 to 48 layers (4.5 GB). Every timing includes a
@@ -95,7 +96,8 @@ def main() -> None:
         subprocess.run([str(bindir / "dus"), "plan", str(work / "base"), "-o", str(work / "r.yml")], check=True,
                        capture_output=True)
         os.sync()
-        runs: dict[str, list[tuple[float, float]]] = {"dus": [], "dus_verified": [], "mergekit": [], "cp": []}
+        runs: dict[str, list[tuple[float, float]]] = {"dus": [], "dus_verified": [], "dus_default": [], "mergekit": [],
+                                                      "cp": []}
         out_bytes = 0
         for _ in range(args.repeats):  # interleaved, so drift on the machine hits every contender alike
             runs["dus"].append(timed([str(bindir / "dus"), "upscale", str(work / "r.yml"), str(work / "o_dus"), "-q",
@@ -110,12 +112,18 @@ def main() -> None:
             runs["dus_verified"].append(timed([str(bindir / "dus"), "upscale", str(work / "r.yml"), str(work / "o_dus"),
                                                "-q", "--no-forward"]))
             shutil.rmtree(work / "o_dus")
+            # what a user runs: verified against the base and a forward pass, one module in memory at a time
+            runs["dus_default"].append(timed([str(bindir / "dus"), "upscale", str(work / "r.yml"), str(work / "o_dus"),
+                                              "-q"]))
+            shutil.rmtree(work / "o_dus")
         best = {k: min(v) for k, v in runs.items()}
         report = {
             "dus_s": best["dus"][0], "dus_verified_s": best["dus_verified"][0], "mergekit_s": best["mergekit"][0],
             "cp_s": best["cp"][0], "bytes": out_bytes, "base_bytes": base_bytes,
             "peak_rss_mb": max(r for _, r in runs["dus"]), "mergekit_peak_rss_mb": max(r for _, r in runs["mergekit"]),
             "dus_verified_peak_rss_mb": max(r for _, r in runs["dus_verified"]),
+            "dus_default_s": best["dus_default"][0], "dus_default_peak_rss_mb": max(r for _, r in runs["dus_default"]),
+            "dus_default_over_cp": best["dus_default"][0] / best["cp"][0],
             "dus_over_cp": best["dus"][0] / best["cp"][0], "mergekit_over_cp": best["mergekit"][0] / best["cp"][0],
             "mergekit_over_dus": best["mergekit"][0] / best["dus"][0],
             "layers": f"{n} -> {2 * (n - n // 4)}", "repeats": args.repeats, "all_runs": runs,

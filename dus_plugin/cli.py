@@ -157,7 +157,8 @@ def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, e
     if estimate:
         click.echo(_estimate(cfg, processes, distributed_type))
         return
-    logging.getLogger("dus_plugin.train").setLevel(logging.INFO)  # the estimate, resumes and exports
+    if not quiet:
+        click.echo(_estimate(cfg, 1, None))
     r = run(cfg, resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite)
     click.echo(r.summary())
 
@@ -316,14 +317,11 @@ def run_(recipe: Path | None, do_push: bool, sets: tuple[str, ...], restart: boo
 @click.pass_context
 @_handle_errors
 def mergekit_yaml(ctx: click.Context, config: Path, out: Path) -> None:
-    """mergekit's own `mergekit-yaml CONFIG OUT [options]`, with per-layer config lists fixed."""
-    from mergekit.scripts.run_yaml import main as mergekit_main
+    """mergekit's own `mergekit-yaml CONFIG OUT [options]`, with per-layer config lists fixed, local paths made
+    absolute, and OUT written only when complete."""
+    from dus_plugin.mergekit_cli import run
 
-    from dus_plugin.configfix import mergekit_per_layer_fix
-
-    with mergekit_per_layer_fix():
-        mergekit_main.main(args=[str(config), str(out), *ctx.args], prog_name="dus mergekit-yaml",
-                           standalone_mode=False)
+    click.echo(f"wrote {run(config, out, list(ctx.args))}")
 
 
 if __name__ == "__main__":

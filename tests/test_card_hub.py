@@ -270,3 +270,23 @@ def test_push_refuses_a_card_without_base_model_unless_asked(upscaled, tmp_path,
     assert "`allow_unlinked`" in str(e.value) and "me/unlinked" not in hub.state.repos
     push(folder, "me/unlinked", endpoint=hub.url, token=TOKEN, allow_unlinked=True)
     assert "me/unlinked" in hub.state.repos
+
+
+def test_the_commands_on_a_pushed_card_run_from_the_pushed_folder_alone(hub, tmp_path):
+    """A reader downloads the repo and runs `dus upscale dus_recipe.yml OUT` as the card says: the base comes from
+    the Hub by the id the card names, and the result equals the pushed weights."""
+    base = make_tiny_model("llama", tmp_path / "base")
+    push_base(base, hub, "me/tiny-base")
+    dus_ok("plan", base, "--drop", 2, "-o", tmp_path / "r.yml")
+    dus_ok("upscale", tmp_path / "r.yml", tmp_path / "out", "-q", "--base-model-id", "me/tiny-base")
+    dus_ok("card", tmp_path / "out")
+    push(tmp_path / "out", "me/tiny-dus", endpoint=hub.url, token=TOKEN)
+    local = Path(snapshot_download("me/tiny-dus", endpoint=hub.url, token=TOKEN, cache_dir=str(tmp_path / "dl")))
+    card = (local / "README.md").read_text()
+    assert "dus upscale dus_recipe.yml" in card and (local / "dus_recipe.yml").is_file()
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "home"))
+    proc = subprocess.run([str(Path(sys.executable).with_name("dus")), "upscale", "dus_recipe.yml", str(tmp_path / "again"),
+                           "-q"], capture_output=True, text=True, env=env, timeout=600, cwd=local)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    pushed, again = tensors(local), tensors(tmp_path / "again")
+    assert pushed.keys() == again.keys() and all(torch.equal(pushed[k], again[k]) for k in pushed)

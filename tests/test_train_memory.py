@@ -144,3 +144,27 @@ def test_a_run_that_cannot_fit_is_refused_with_what_would_fit(tmp_path, identity
     estimate = dus_ok("train", path, "--estimate").output
     assert "memory estimate per device" in estimate and "does not fit in memory_limit_gb" in estimate
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_frozen_weights_of_a_bf16_model_stay_bf16_under_bf16_compute(tmp_path, tiny_llama):
+    """In its own process (bf16 autocast): the frozen layers come back bit for bit, and are counted at 2 bytes."""
+    import subprocess
+    import sys
+
+    from dus_plugin.fixtures import make_tiny_model
+
+    base = make_tiny_model("llama", tmp_path / "base", dtype="bfloat16")
+    dus_ok("plan", base, "--drop", 2, "--method", "identity", "-o", tmp_path / "r.yml")
+    upscale(tmp_path / "r.yml", tmp_path / "model", UpscaleOptions(quiet=True, forward=False))
+    path = make_config(tmp_path, tmp_path / "model", max_steps=3, save_every=0, precision="bf16",
+                       seam={"focus": "none"}, train_only={"layers": "duplicated"})
+    cfg = load_train_config(path)
+    shape = memory.model_shape(cfg)
+    assert shape.frozen_bytes == 2
+    assert memory.estimate(cfg, shape).weights == 4 * shape.trainable + 2 * (shape.params - shape.trainable)
+    run = subprocess.run([sys.executable, "-m", "dus_plugin.cli", "train", str(path), "-q"], capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    before, after = tensors(tmp_path / "model"), tensors(tmp_path / "run" / "final")
+    changed = {int(n.split(".")[2]) for n in after if ".layers." in n and not torch.equal(after[n], before[n])}
+    assert changed == {6, 7, 8, 9} and all(t.dtype == torch.bfloat16 for t in after.values())

@@ -129,3 +129,28 @@ def test_stock_mergekit_still_breaks_qwen2_layer_types(upscaled, tmp_path):
     recipe, _ = upscaled["qwen2"]
     proc = _stock_mergekit(recipe, tmp_path / "out")
     assert proc.returncode != 0 and "layer_types" in proc.stderr
+
+
+def test_dus_mergekit_yaml_with_a_relative_path_offline_and_never_half_written(tiny_models, tmp_path, monkeypatch):
+    """mergekit's card step asks the Hub whether a relative path is a repo; dus makes local paths absolute first,
+    and a failed run leaves no OUT behind."""
+    import shutil
+
+    from helpers import assert_one_line_error
+
+    shutil.copytree(tiny_models["llama"], tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert dus("plan", "models/base", "--drop", 2, "-o", "r.yml").exit_code == 0
+    r = dus("mergekit-yaml", "r.yml", "out", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert config(tmp_path / "out")["num_hidden_layers"] == 12 and (tmp_path / "out" / "README.md").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+    # plant a corrupt shard in a copy (mergekit keeps the first base's file mapped within this process)
+    shutil.copytree(tmp_path / "models" / "base", tmp_path / "models" / "bad")
+    (tmp_path / "models" / "bad" / "model.safetensors").write_bytes(b"\0" * 64)
+    (tmp_path / "bad.yml").write_text((tmp_path / "r.yml").read_text().replace("models/base", "models/bad"))
+    assert_one_line_error(dus("mergekit-yaml", "bad.yml", "again", "--quiet"), "mergekit failed", "SafetensorError")
+    assert not (tmp_path / "again").exists() and not list(tmp_path.glob(".tmp-*"))
+    assert_one_line_error(dus("mergekit-yaml", "r.yml", "out"), "out is not empty")

@@ -72,10 +72,15 @@ def _load_model(cfg: TrainConfig, accelerator):
 
     if not (Path(cfg.model) / "config.json").is_file():
         raise DusError(f"model folder {cfg.model} has no config.json; set `model:` to an upscaled folder")
-    dtype = torch.bfloat16 if cfg.master_weights == "bf16" else torch.float32
+    frozen_bf16 = memory.frozen_in_file_dtype(cfg)
+    dtype = torch.bfloat16 if cfg.master_weights == "bf16" or frozen_bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
     trainable = freeze(model, cfg.train_only, read_layout(cfg.model))
+    if frozen_bf16:  # loaded as the files hold them; only what trains gets float32 master weights
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     if cfg.train_only is not None:
         LOG.info("training %.3gB of %.3gB parameters (train_only)", trainable / 1e9,
                  sum(p.numel() for p in model.parameters()) / 1e9)

@@ -2,7 +2,8 @@
 
 The estimate is arithmetic over the config and the model's parameter counts (built on the meta device):
 
-- weights: 4 bytes per parameter with fp32 master weights, 2 with bf16;
+- weights: 4 bytes per parameter with fp32 master weights, 2 with bf16; frozen weights (train_only) of a bf16
+  checkpoint stay bf16 under bf16 compute, since autocast would round them to bf16 anyway;
 - gradients: the same per *trained* parameter (DDP keeps a second copy in its communication buckets);
 - optimizer: AdamW 8 bytes per trained parameter; torchao's 8-bit AdamW 2 bytes plus a float scale per
   256-value block (tensors under 4096 values keep plain states), and float32 scratch for the largest
@@ -48,6 +49,8 @@ class ModelShape:
     vocab: int
     low_bit_state_bytes: int
     """8-bit AdamW state bytes over the trained tensors (blocks, scales, small tensors kept plain)."""
+    frozen_bytes: int = 4
+    """Bytes per frozen parameter."""
 
 
 @dataclass
@@ -107,7 +110,20 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
         hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
         kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim, vocab=config.vocab_size,
         low_bit_state_bytes=sum(_low_bit_state(p.numel(), p.element_size() if cfg.master_weights == "fp32" else 2)
-                                for p in trained))
+                                for p in trained),
+        frozen_bytes=2 if cfg.master_weights == "bf16" or frozen_in_file_dtype(cfg) else 4)
+
+
+def frozen_in_file_dtype(cfg: TrainConfig) -> bool:
+    """Frozen weights of a bf16 checkpoint are kept in bf16: under bf16 compute they are the same numbers, at half
+    the memory (and no bf16 copy for backward)."""
+    import json
+    from pathlib import Path
+
+    if cfg.train_only is None or cfg.master_weights != "fp32" or cfg.precision != "bf16":
+        return False
+    config = json.loads((Path(cfg.model) / "config.json").read_text())
+    return (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
 
 
 def _low_bit_state(numel: int, param_bytes: int) -> int:
@@ -120,7 +136,7 @@ def estimate(cfg: TrainConfig, shape: ModelShape, processes: int = 1, distribute
     """Peak bytes per device for this config on ``processes`` devices under ``distributed_type``."""
     wbytes = 2 if cfg.master_weights == "bf16" else 4
     shards = processes if distributed_type in SHARDED else 1
-    weights = shape.params * wbytes / shards
+    weights = (shape.trainable * wbytes + (shape.params - shape.trainable) * shape.frozen_bytes) / shards
     gradients = shape.trainable * wbytes / shards * (2 if distributed_type == "MULTI_GPU" else 1)
     if cfg.optimizer.name == "adamw8bit":
         optimizer = shape.low_bit_state_bytes / shards + 16 * shape.largest_trainable
@@ -158,8 +174,8 @@ def _activations(cfg: TrainConfig, shape: ModelShape) -> float:
     logits = tokens * shape.vocab * (2 + 4 + 4 + 4)  # bf16 logits, their float32 copy, log-softmax and its grad
     autocast_copies = 0.0
     if cfg.master_weights == "fp32" and cfg.precision == "bf16":
-        held = shape.layer_params if cfg.activation_checkpointing else shape.params
-        autocast_copies = 2 * held
+        cast = shape.trainable if shape.frozen_bytes == 2 else shape.params  # bf16 weights need no copy
+        autocast_copies = 2 * min(cast, shape.layer_params if cfg.activation_checkpointing else cast)
     return kept + logits + autocast_copies
 
 
