@@ -10,7 +10,9 @@ from pathlib import Path
 # cache, a token, or the network. Hub tests switch offline mode off against the local test server.
 os.environ.update(HF_HOME=tempfile.mkdtemp(prefix="dus-hf-home-"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                   HF_HUB_DISABLE_XET="1", HF_TOKEN="", HF_HUB_DISABLE_TELEMETRY="1",
-                  HF_HUB_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false")
+                  HF_HUB_DISABLE_UPDATE_CHECK="1", TOKENIZERS_PARALLELISM="false",
+                  # torchao's optimizer step is compiled: a cache of this run only, never a stale one
+                  TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="dus-inductor-"))
 
 import pytest  # noqa: E402
 

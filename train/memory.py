@@ -6,12 +6,11 @@ The estimate is arithmetic over the config and the model's parameter counts (bui
   checkpoint stay bf16 under bf16 compute, since autocast would round them to bf16 anyway;
 - gradients: the same per *trained* parameter (DDP keeps a second copy in its communication buckets);
 - optimizer: AdamW 8 bytes per trained parameter; torchao's 8-bit AdamW 2 bytes plus a float scale per
-  256-value block (tensors under 4096 values keep plain states), and float32 scratch for the largest
-  tensor while it steps;
+  256-value block (tensors under 4096 values keep plain states); its compiled step keeps no float32 copy;
 - activations: what backward keeps per token and layer for a Llama-shaped block (see ``_per_token_layer``),
   or, with activation checkpointing, each layer's input plus one layer being recomputed; the logits and
-  their float32 loss; with fp32 master weights under bf16 autocast, the bf16 weight copies autocast
-  keeps for backward.
+  their float32 loss (8 bytes per token and vocabulary entry, calibrated on the GPU); with fp32 master
+  weights under bf16 autocast, the bf16 weight copies autocast keeps for backward.
 
 FSDP and DeepSpeed (ZeRO-3) divide weights, gradients and optimizer states by the process count and
 add two layers gathered whole. The figure is compared with ``torch.cuda.max_memory_allocated`` in
@@ -29,6 +28,9 @@ from dus_plugin.train.config import TrainConfig
 
 GB = 1e9
 SHARDED = ("FSDP", "DEEPSPEED")
+LOGIT_BYTES = 8
+"""Per token and vocabulary entry at the peak: bf16 logits and their float32 copy for the loss. Counting the
+log-softmax and its gradient as well (14) overestimated every GPU run by 0.4-0.8 GB (benchmarks/lowmem_parity.py)."""
 SMALL_TENSOR = 4096
 """torchao keeps plain float states for tensors with fewer values than this."""
 
@@ -39,7 +41,6 @@ class ModelShape:
 
     params: int
     trainable: int
-    largest_trainable: int
     layers: int
     layer_params: int
     """Parameters of the largest decoder layer."""
@@ -105,7 +106,7 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
     trained = [p for p in unique if p.requires_grad]
     return ModelShape(
         params=sum(p.numel() for p in unique), trainable=trainable,
-        largest_trainable=max((p.numel() for p in trained), default=0), layers=len(stack),
+        layers=len(stack),
         layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in stack),
         hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
         kv_dim=(getattr(config, "num_key_value_heads", None) or heads) * head_dim, vocab=config.vocab_size,
@@ -139,7 +140,7 @@ def estimate(cfg: TrainConfig, shape: ModelShape, processes: int = 1, distribute
     weights = (shape.trainable * wbytes + (shape.params - shape.trainable) * shape.frozen_bytes) / shards
     gradients = shape.trainable * wbytes / shards * (2 if distributed_type == "MULTI_GPU" else 1)
     if cfg.optimizer.name == "adamw8bit":
-        optimizer = shape.low_bit_state_bytes / shards + 16 * shape.largest_trainable
+        optimizer = shape.low_bit_state_bytes / shards
     else:
         optimizer = 8 * shape.trainable / shards * (wbytes / 4)
     activations = _activations(cfg, shape)
@@ -171,7 +172,7 @@ def _activations(cfg: TrainConfig, shape: ModelShape) -> float:
         kept = shape.layers * tokens * shape.hidden * residual + per_layer
     else:
         kept = shape.layers * per_layer
-    logits = tokens * shape.vocab * (2 + 4 + 4 + 4)  # bf16 logits, their float32 copy, log-softmax and its grad
+    logits = tokens * shape.vocab * LOGIT_BYTES
     autocast_copies = 0.0
     if cfg.master_weights == "fp32" and cfg.precision == "bf16":
         cast = shape.trainable if shape.frozen_bytes == 2 else shape.params  # bf16 weights need no copy
