@@ -157,9 +157,8 @@ def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, e
     if estimate:
         click.echo(_estimate(cfg, processes, distributed_type))
         return
-    if not quiet:
-        click.echo(_estimate(cfg, 1, None))
-    r = run(cfg, resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite)
+    r = run(cfg, resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite,
+            echo=None if quiet else click.echo)
     click.echo(r.summary())
 
 

@@ -12,15 +12,11 @@ this raises StreamUnsupported and the caller loads the model whole.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from dus_plugin.errors import DusError
 from dus_plugin.tensors import SourceTensor, read_tensor, tensor_headers
-
-LOG = logging.getLogger(__name__)
-
 
 class StreamUnsupported(DusError):
     """This model cannot be run one module at a time; load it whole instead."""

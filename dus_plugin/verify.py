@@ -254,10 +254,9 @@ def _forward(folder: Path, identity_base: Path | None) -> str:
     """Run a forward pass (one module in memory at a time where the family allows it); an identity upscale
     must give exactly the base's logits. Returns how the model was held: "streamed" or "whole"."""
     import torch
+    from transformers import AutoConfig
 
     from dus_plugin.streamed import StreamUnsupported
-
-    from transformers import AutoConfig
 
     ids = (torch.arange(1, 17).unsqueeze(0) * 7) % AutoConfig.from_pretrained(folder).vocab_size
     try:
@@ -305,7 +304,6 @@ def _logits_whole(folder: Path, identity_base: Path | None, ids):
     from transformers import AutoModelForCausalLM
 
     model = _load(folder)
-    out_dtype = _file_dtype(folder)
     try:
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits
@@ -315,6 +313,7 @@ def _logits_whole(folder: Path, identity_base: Path | None, ids):
     if identity_base is None:
         return logits, None
     base = AutoModelForCausalLM.from_pretrained(identity_base, dtype=torch.float32).eval()
+    out_dtype = _file_dtype(folder)
     with torch.no_grad():
         for p in base.parameters():  # a cast upscale equals the base rounded to its dtype, not the base itself
             p.copy_(p.to(out_dtype).float())

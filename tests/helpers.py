@@ -45,3 +45,23 @@ def tensors(folder: Path) -> dict[str, Any]:
 
 def config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text())
+
+
+def ctrl_c_after_checkpoint(args: list[str], checkpoints: Path, wait_s: float = 300) -> list[str]:
+    """Run `dus ARGS` in its own process, send SIGINT (what Ctrl-C in the terminal sends) once a checkpoint is in
+    CHECKPOINTS, require exit status 130, and return the non-empty lines it wrote to stderr."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dus_plugin.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + wait_s
+    while not list(checkpoints.glob("step-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    return [line for line in err.splitlines() if line.strip()]

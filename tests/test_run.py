@@ -1,7 +1,6 @@
 """`dus run`: the whole chain on the shipped quickstart base, shortened; re-running skips every stage."""
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -135,26 +134,14 @@ def test_dus_run_trains_under_a_two_process_accelerate_launch(tmp_path, monkeypa
 
 
 def test_ctrl_c_during_dus_run_keeps_the_checkpoint_and_names_the_command(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
+    from helpers import ctrl_c_after_checkpoint
 
     recipe = yaml.safe_load((REPO / "configs" / "quickstart.yml").read_text())
     recipe["output_dir"] = str(tmp_path / "qs")
     recipe["train"].update(max_steps=5000, save_every=2, eval_every=0, eval_on_start=False)
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
     ckpts = tmp_path / "qs" / "train" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "dus_plugin.cli", "run", str(tmp_path / "r.yml"), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while not list(ckpts.glob("step-*")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("interrupted: interrupted during stage train"), err
+    lines = ctrl_c_after_checkpoint(["run", str(tmp_path / "r.yml"), "-q"], ckpts)
+    assert len(lines) == 1 and lines[0].startswith("interrupted: interrupted during stage train"), lines
     assert f"training checkpoint {ckpts}" in lines[0] and f"dus run {tmp_path / 'r.yml'}" in lines[0], lines[0]
     assert list(ckpts.glob("step-*")) and (tmp_path / "qs" / "upscaled" / "dus_manifest.json").is_file()

@@ -337,26 +337,14 @@ def test_eval_on_start_measures_the_seam_before_any_update(tmp_path, tiny_llama,
 # --- interrupted and repeated runs (issue 16) ---------------------------------------------------
 
 def test_ctrl_c_keeps_the_checkpoints_and_says_how_to_continue(tmp_path, tiny_dus):
-    import signal
-    import time
-
-    from helpers import assert_one_line_error, dus
+    from helpers import assert_one_line_error, ctrl_c_after_checkpoint, dus
 
     cfg = make_config(tmp_path, tiny_dus, max_steps=3000, save_every=2, log_every=1, eval_every=0)
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dus_plugin.cli", "train", str(cfg), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 180
-    while not list((run / "checkpoints").glob("step-*")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("interrupted: training interrupted in step "), err
+    lines = ctrl_c_after_checkpoint(["train", str(cfg), "-q"], run / "checkpoints", wait_s=180)
+    assert len(lines) == 1 and lines[0].startswith("interrupted: training interrupted in step "), lines
     assert "checkpoint " + str(run / "checkpoints" / "step-") in lines[0] and "with --resume" in lines[0]
-    assert "nothing was left" not in err and list((run / "checkpoints").glob("step-*"))
+    assert not any("nothing was left" in line for line in lines) and list((run / "checkpoints").glob("step-*"))
     assert (run / "metrics.jsonl").is_file()
 
     # the same command again, without --resume, neither restarts silently nor loses the checkpoints

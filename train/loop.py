@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dus_plugin.errors import CheckpointError, DusError, Interrupted, TrainConfigError, TrainingDiverged
 from dus_plugin.train import checkpoint, memory
@@ -123,13 +123,14 @@ def _adamw8bit(cfg: TrainConfig, groups: list[dict[str, Any]]):
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None,
-          overwrite: bool = False) -> TrainResult:
+          overwrite: bool = False, echo: Callable[[str], Any] | None = None) -> TrainResult:
     """Run (or resume) the configured training; return what it did.
 
     ``stop_after``: end after this many steps (counted from 0) with a checkpoint and no export,
     for jobs with a time budget; ``resume=True`` later continues the same schedule. An output folder
     with checkpoints needs ``resume`` (continue) or ``overwrite`` (start over); Ctrl-C raises
-    Interrupted, whose message says what is on disk and how to continue.
+    Interrupted, whose message says what is on disk and how to continue. ``echo``: where the memory estimate
+    is shown before the model loads [default: the log].
     """
     import torch
     from accelerate.utils import set_seed
@@ -145,7 +146,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     world, rank = accelerator.num_processes, accelerator.process_index
     need = memory.check_fits(cfg, world, accelerator.distributed_type.value, accelerator.device.type)
     if accelerator.is_main_process:
-        LOG.info("%s", need.table())
+        (echo or LOG.info)(need.table())
     accum, total = cfg.grad_accum(world), cfg.total_steps()
     model, tokenizer = _load_model(cfg, accelerator)
     failed = None

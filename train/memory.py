@@ -99,13 +99,12 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     trainable = freeze(model, cfg.train_only, read_layout(cfg.model))
-    unique = {id(p): p for p in model.parameters()}.values()
     stack = model.get_submodule(find_stack(model, config.num_hidden_layers))
     heads = getattr(config, "num_attention_heads", 1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    trained = [p for p in unique if p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]  # a tied tensor is listed once
     return ModelShape(
-        params=sum(p.numel() for p in unique), trainable=trainable,
+        params=sum(p.numel() for p in model.parameters()), trainable=trainable,
         layers=len(stack),
         layer_params=max(sum(p.numel() for p in layer.parameters()) for layer in stack),
         hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
@@ -202,8 +201,10 @@ REMEDIES: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def what_fits(cfg: TrainConfig, shape_of, processes: int, distributed_type: str, capacity: float) -> str | None:
+def what_fits(cfg: TrainConfig, processes: int, distributed_type: str, capacity: float) -> str | None:
     """The first (cumulative) set of changes under which the estimate fits, as the words a user would type."""
+    from dus_plugin.errors import DusError
+
     changed = cfg.model_dump()
     said: list[str] = []
     for words, change in REMEDIES:
@@ -211,9 +212,10 @@ def what_fits(cfg: TrainConfig, shape_of, processes: int, distributed_type: str,
         said.append(words)
         try:
             trial = TrainConfig.model_validate(changed)
-        except ValueError:
+            shape = model_shape(trial)
+        except (ValueError, DusError):  # e.g. train_only: duplicated on a folder without a manifest
             continue
-        need = estimate(trial, shape_of(trial), processes, distributed_type)
+        need = estimate(trial, shape, processes, distributed_type)
         if need.total <= capacity:
             return f"{', '.join(said)} (about {size(need.total)})"
     return None
@@ -223,27 +225,18 @@ def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in change.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    if out.get("micro_batch_size") == 1 and "global_batch_size" in out:
-        out["global_batch_size"] = base["global_batch_size"]
     return out
 
 
 def check_fits(cfg: TrainConfig, processes: int, distributed_type: str, device_type: str) -> MemoryEstimate:
     """The estimate for this run; TrainConfigError naming what would fit when it exceeds the device."""
-    from dus_plugin.errors import DusError, TrainConfigError
+    from dus_plugin.errors import TrainConfigError
 
     need = estimate(cfg, model_shape(cfg), processes, distributed_type)
     capacity = cfg.memory_limit_gb * GB if cfg.memory_limit_gb else device_capacity(device_type, processes)
     if capacity is None or need.total <= capacity:
         return need
-
-    def shape_of(trial: TrainConfig) -> ModelShape:
-        try:
-            return model_shape(trial)
-        except DusError:  # e.g. train_only: duplicated on a folder without a manifest
-            return ModelShape(**{**vars(model_shape(cfg)), "trainable": 10**18})
-
-    fix = what_fits(cfg, shape_of, processes, distributed_type, capacity)
+    fix = what_fits(cfg, processes, distributed_type, capacity)
     where = "the memory_limit_gb set" if cfg.memory_limit_gb else f"the {device_type.upper()} memory"
     advice = (f"it would fit with {fix}" if fix else
               "no single-device setting makes it fit; shard it over more GPUs with FSDP (train/fsdp.yaml)")

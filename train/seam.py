@@ -101,11 +101,4 @@ def freeze(model: Any, train_only: TrainOnlyConfig | None, layout: SeamLayout | 
         for name, p in model.named_parameters():
             layer = layer_of(name, prefix)
             p.requires_grad_(layer in keep if layer is not None else train_only.non_layer)
-    return sum(p.numel() for p in _unique(model) if p.requires_grad)
-
-
-def _unique(model: Any) -> list:
-    seen: dict[int, Any] = {}
-    for p in model.parameters():
-        seen.setdefault(id(p), p)
-    return list(seen.values())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)  # parameters() lists a tied tensor once
