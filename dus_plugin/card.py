@@ -228,6 +228,7 @@ def _body(title: str, manifest: Manifest, base_id: str | None, results: list[dic
         lines += [f"`{name}` (in this repository):", "", "```yaml", text.strip(), "```", ""]
     if train:
         lines += _train_section(train, folder)
+    lines += _llama_cpp_section(folder)
     if results:
         lines += ["## Evaluation", "", compare_table(results), ""]
         if any("mmlu" in r.get("tasks", {}) for r in results):
@@ -273,6 +274,28 @@ def _dus_section(manifest: Manifest) -> list[str]:
         lines.append(f"| {out}–{out + b - a - 1} | {a}–{b - 1} |")
         out += b - a
     return lines + [""]
+
+
+def _llama_cpp_section(folder: Path) -> list[str]:
+    """How to run the model in llama.cpp, with the patch and the warning where this family needs them."""
+    from dus_plugin.llamacpp import CONVERT_COMMAND, compat
+
+    found = compat(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    lines = ["## Run in llama.cpp", "", "```bash",
+             CONVERT_COMMAND.format(folder="MODEL_DIR", gguf="model.gguf") + "   # llama.cpp's own converter"]
+    if found.needs_patch:
+        lines.append("dus gguf-patch model.gguf MODEL_DIR   # adds the per-layer sliding-window pattern llama.cpp "
+                     "would otherwise take from the layer index")
+    lines += ["```", ""]
+    if found.mismatch:
+        lines += [f"**Warning:** llama.cpp computes this model differently from transformers: {found.mismatch}.", ""]
+    elif not found.checked:
+        lines += ["dus-plugin has not compared this family's logits in llama.cpp with transformers; check them "
+                  "before relying on a GGUF.", ""]
+    else:
+        lines += ["With these steps llama.cpp computes what transformers computes for this family "
+                  "(logits compared by dus-plugin's `benchmarks/gguf_compat.py`).", ""]
+    return lines
 
 
 def _train_section(train: TrainStage, folder: Path) -> list[str]:

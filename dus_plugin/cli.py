@@ -234,6 +234,28 @@ def card(folder: Path, base_model: str | None, license_: str | None, datasets: t
     click.echo(f"wrote {path}")
 
 
+@main.command("gguf-patch")
+@click.argument("gguf_file", metavar="FILE.gguf", type=click.Path(path_type=Path))
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_handle_errors
+def gguf_patch(gguf_file: Path, model_dir: Path, quiet: bool) -> None:
+    """Make llama.cpp compute MODEL_DIR's model as transformers does: add to FILE.gguf (converted from
+    MODEL_DIR by llama.cpp's convert_hf_to_gguf.py) the per-layer settings its loader would otherwise
+    pick by layer index. The file is replaced only once the patched copy is complete and checked."""
+    from dus_plugin.gguf_patch import patch_gguf
+
+    r = patch_gguf(gguf_file, model_dir, quiet=quiet)
+    for key, value in r.written.items():
+        shown = "".join("S" if v else "F" for v in value) if isinstance(value, list) else value
+        click.echo(f"wrote {key} = {shown} (S sliding, F full attention)")
+    if r.mismatch:
+        click.echo(f"warning: llama.cpp will still compute this model differently from transformers: {r.mismatch}",
+                   err=True)
+    click.echo(f"patched {gguf_file}" if r.written else f"nothing to patch: llama.cpp already runs {gguf_file} "
+               f"with {model_dir}'s per-layer settings")
+
+
 @main.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="Target Hub repo, e.g. me/Mistral-DUS-10.7B.")

@@ -98,3 +98,7 @@ class Interrupted(DusError):
 
 class StaleStageError(DusError, RuntimeError):
     """`dus run` found a stage's output made from different inputs than the recipe asks for now."""
+
+
+class GgufPatchError(DusError, ValueError):
+    """A GGUF cannot be patched for a model folder (another model, not a GGUF, a family dus has not checked)."""

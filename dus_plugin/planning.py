@@ -51,6 +51,7 @@ class PlannedRecipe:
 def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     """Resolve the base, check that its family can be grown by this layer map, and build the recipe."""
     from dus_plugin.architecture import layer_stack, upscaled_config
+    from dus_plugin.llamacpp import notes_for as llama_cpp_notes
     from dus_plugin.recipe import build_recipe
     from dus_plugin.source import mergekit_architectures, padded_vocab, resolve_base
 
@@ -74,6 +75,7 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     if base.architecture not in mergekit_architectures():
         notes.append(f"stock mergekit has no definition of {base.architecture}: run this recipe with "
                      "`dus upscale` (its streaming engine reads the layer stack from transformers)")
+    notes += llama_cpp_notes(base.config, plan.layer_map)
     use_source = options.tokenizer_source == "base" or (options.tokenizer_source == "auto" and not padded)
     doc = build_recipe(base_ref, plan, method=options.method, dtype=dtype, projections=filters,
                        tokenizer_source=use_source)

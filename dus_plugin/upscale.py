@@ -25,6 +25,7 @@ from dus_plugin.manifest import Manifest, UpscaleStage
 from dus_plugin.plan import DusPlan, Slice, count_params
 from dus_plugin.recipe import Recipe, check_against_base, load_recipe
 from dus_plugin.architecture import LayerStack, layer_stack, upscaled_config
+from dus_plugin.llamacpp import notes_for as llama_cpp_notes
 from dus_plugin.source import BaseModel, local_snapshot, resolve_base
 from dus_plugin.tensors import check_readable, header_sha256, read_header, weight_map
 
@@ -94,6 +95,8 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     stack = layer_stack(base.config)
     check_against_base(recipe, plan_of(recipe, base.config).n, where=str(recipe_path))
     upscaled_config(base.config, recipe.layer_map)  # refuses a layer map the family's config cannot express
+    for line in llama_cpp_notes(base.config, recipe.layer_map):
+        LOG.warning(line)
     _check_filters(recipe, base, stack, str(recipe_path))
     _check_vocab(recipe, base, str(recipe_path))
     prepare_output(out, options.overwrite)
