@@ -27,6 +27,7 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON = "0.3.36"
 TOKENS = 24
+DUS = [sys.executable, "-c", "from dus_plugin.cli import main; main()"]  # the dus of this checkout
 TOLERANCE = 2e-3  # max |llama.cpp - transformers| / max |transformers|, f32 on both sides
 
 # name, family, layers n, overlap m, config overrides; gemma3 at 26 layers is Gemma 3 1B's depth with dus's default m
@@ -111,8 +112,8 @@ def make_base(folder: Path, family: str, n: int, overrides: dict) -> None:
 def upscale(base: Path, out: Path, m: int, method: str) -> list[str]:
     """`dus plan` + `dus upscale`; the plan's notes (what it says about llama.cpp) are returned."""
     recipe = out.with_suffix(".yml")
-    said = sh(["dus", "plan", str(base), "-m", str(m), "--method", method, "-o", str(recipe)])
-    sh(["dus", "upscale", str(recipe), str(out), "-q"])
+    said = sh([*DUS, "plan", str(base), "-m", str(m), "--method", method, "-o", str(recipe)])
+    sh([*DUS, "upscale", str(recipe), str(out), "-q"])
     shutil.copy(base / "tokenizer.model", out / "tokenizer.model")
     return [line for line in said.splitlines() if line.startswith(("note:", "warning:"))]
 
@@ -173,7 +174,7 @@ def run_case(name: str, family: str, n: int, m: int, overrides: dict, work: Path
         convert(src, folder, gguf)
         hf = transformers_logits(folder, tokens)
         before = llama_cpp_logits(gguf, tokens, src, lib)
-        patch = subprocess.run(["dus", "gguf-patch", str(gguf), str(folder), "-q"], capture_output=True, text=True)
+        patch = subprocess.run([*DUS, "gguf-patch", str(gguf), str(folder), "-q"], capture_output=True, text=True)
         after = llama_cpp_logits(gguf, tokens, src, lib)
         llama[label] = after
         result["outputs"][label] = {
@@ -185,16 +186,17 @@ def run_case(name: str, family: str, n: int, m: int, overrides: dict, work: Path
     return result
 
 
-def table(results: list[dict]) -> str:
-    rows = ["| case | n → s | output | llama.cpp vs transformers before patch (rel, argmax differs) | "
-            "`dus gguf-patch` | after patch | dus warned at plan time |", "|---|---|---|---|---|---|---|"]
+def table(results: list[tuple[str, dict]]) -> str:
+    rows = ["| case | n → s | output | llama.cpp vs transformers, as converted (rel. error, argmax differs) | "
+            "`dus gguf-patch` | after the patch | dus warned at plan time |", "|---|---|---|---|---|---|---|"]
     for name, r in results:
         for label, o in r["outputs"].items():
-            b, a = o["before_patch"], o["after_patch"]
+            b, a, says = o["before_patch"], o["after_patch"], o["patch_says"]
+            patch = ("patched" if "\npatched" in f"\n{says}" else "not needed") + (
+                ", warns" if "warning:" in says else "")
             warned = "yes" if any("llama.cpp will compute" in s for s in o["plan_says"]) else "—"
             rows.append(f"| {name} | {r['n']} → {o['layers']} | {label} | {b['rel']:.1e}, {b['argmax_differs']}/{TOKENS} | "
-                        f"{o['patch_says'].splitlines()[-1] if o['patch_says'] else ''} | "
-                        f"{a['rel']:.1e}, {a['argmax_differs']}/{TOKENS} | {warned} |")
+                        f"{patch} | **{a['rel']:.1e}**, {a['argmax_differs']}/{TOKENS} | {warned} |")
     return "\n".join(rows)
 
 
@@ -203,7 +205,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_compat"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gguf_compat.json"))
     ap.add_argument("--only", nargs="*", help="case names to run")
+    ap.add_argument("--render", type=Path, help="print the table of a results file and stop")
     args = ap.parse_args()
+    if args.render:
+        print(table(list(json.loads(args.render.read_text())["cases"].items())))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     src, lib, build_s = build_llama_cpp(args.work)
     print(f"llama.cpp library: {lib} (built in {build_s:.0f} s)", flush=True)

@@ -5,6 +5,8 @@ One pretrained 32-layer base, then the same extra token budget T for every arm:
   (c) identity (function-preserving) m=8 (d) DUS with m = 4 and m = 12
   (e) a 48-layer model from scratch for the base's tokens + T (the base's pretraining recipe)
   (f) all 32 layers repeated in order (32 -> 64, the paper's foil for the seam argument)
+  growth operators at m = 8 (48 layers): (g) interpose + plain copies, (h) interpose + identity,
+  (i) solar layout + average; and (j) the base trained on for 1.5 T (the 48-layer arms' compute)
 Corpus: docstrings of the installed packages' Python sources (transformers, torch, numpy, jax, scipy,
 sympy: Apache-2.0 / BSD-3-Clause), extracted with `ast` (no imports), split 98/2 by document.
 `dus analyze` runs on the base, so its recommended m can be checked against arm (d).
@@ -49,7 +51,16 @@ def arm_specs(n: int) -> dict[str, dict]:
     return {"a_base_continued": {}, "b_dus_m8": {"drop": n // 4},
             "c_identity_m8": {"drop": n // 4, "method": "identity"},
             "d_dus_m4": {"drop": n // 8}, "d_dus_m12": {"drop": 3 * n // 8},
-            "e_scratch48": {"scratch": 3 * n // 2}, "f_repeat_all": {"layers": f"0:{n},0:{n}"}}
+            "e_scratch48": {"scratch": 3 * n // 2}, "f_repeat_all": {"layers": f"0:{n},0:{n}"},
+            "g_interpose_m8": {"layout": "interpose", "drop": n // 4},
+            "h_interpose_identity_m8": {"layout": "interpose", "drop": n // 4, "method": "identity"},
+            "i_average_m8": {"drop": n // 4, "method": "average"},
+            "j_base_1.5T": {"extra_factor": 1.5}}
+
+
+def train_flops(params: int, layers: int, s: dict, tokens: int) -> float:
+    """Training FLOPs as the trainer counts them for MFU: (6 N + 12 L d seq) per token."""
+    return (6 * params + 12 * layers * s["hidden"] * s["seq"]) * tokens
 
 
 # --- corpus ---------------------------------------------------------------------------------------
@@ -145,12 +156,13 @@ def make_model(folder: Path, layers: int, s: dict, tokenizer_dir: Path, seed: in
 
 
 def upscale_arm(base: Path, work: Path, name: str, spec: dict) -> Path:
-    from dus_plugin.plan import layer_list_plan, parse_layers, solar_plan
+    from dus_plugin.plan import layer_list_plan, layout_plan, parse_layers
     from dus_plugin.recipe import build_recipe, render_recipe
     from dus_plugin.upscale import UpscaleOptions, upscale
 
     cfg = json.loads((base / "config.json").read_text())
-    p = layer_list_plan(cfg, parse_layers(spec["layers"])) if "layers" in spec else solar_plan(cfg, spec["drop"])
+    p = layer_list_plan(cfg, parse_layers(spec["layers"])) if "layers" in spec else \
+        layout_plan(cfg, spec.get("layout", "solar"), spec["drop"])
     method = spec.get("method", "solar")
     recipe = work / f"{name}.yml"
     recipe.write_text(render_recipe(build_recipe(str(base), p, method=method), p, method=method))
@@ -181,12 +193,17 @@ def run_arm(name: str, spec: dict, work: str, s: dict, base_dir: str | None, see
         model = make_model(work_p / f"init_{name}", spec["scratch"], s, work_p / "tokenizer", seed=1 + seed)
         steps, lr, warmup, every = s["base_steps"] + s["extra_steps"], s["lr"], s["warmup"], s["eval_every"]
     else:
-        model = Path(base_dir) if not spec else upscale_arm(Path(base_dir), work_p, name, spec)
-        steps, lr, warmup, every = s["extra_steps"], s["cont_lr"], s["cont_warmup"], s["cont_eval_every"]
+        grows = any(k in spec for k in ("drop", "layers"))
+        model = upscale_arm(Path(base_dir), work_p, f"{name}_s{seed}", spec) if grows else Path(base_dir)
+        steps = round(s["extra_steps"] * spec.get("extra_factor", 1))
+        lr, warmup, every = s["cont_lr"], s["cont_warmup"], s["cont_eval_every"]
     start = heldout_loss(model, work_p, s["seq"])
     res, curve = train_run(model, work_p / f"run_{name}_s{seed}", work_p, steps, s, lr, warmup, every, seed)
     final = Path(res.export_dir)
-    arm = {"layers": json.loads((model / "config.json").read_text())["num_hidden_layers"], "lr": lr,
+    import transformers
+
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model).parameters())
+    arm = {"layers": json.loads((model / "config.json").read_text())["num_hidden_layers"], "lr": lr, "params": params,
            "heldout_loss_start": start, "heldout_loss_end": heldout_loss(final, work_p, s["seq"]),
            "val_loss_end": res.val_loss, "tokens": res.tokens, "curve": curve,
            "seconds": time.perf_counter() - t0, "tok_s_shared_gpu": res.tokens_per_second}
@@ -242,7 +259,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="start over instead of resuming WORK")
     ap.add_argument("--jobs", type=int, default=4, help="runs at a time, each its own process")
     ap.add_argument("--arms", default="all", help="comma-separated arm names (default: every arm)")
-    ap.add_argument("--seed", type=int, default=0, help="data-order seed of the arms (results: arms_seedN)")
+    ap.add_argument("--seeds", default="0", help="comma-separated data-order seeds (results: arms, arms_seedN)")
     ap.add_argument("--render", help="reproduce.json to turn into a plot and a Markdown table")
     ap.add_argument("--png", default="docs/reproduction.png")
     args = ap.parse_args()
@@ -259,9 +276,8 @@ def main() -> None:
     wanted = list(specs) if args.arms == "all" else args.arms.split(",")
     if unknown := set(wanted) - set(specs):
         ap.error(f"unknown arms {sorted(unknown)}; choose from {', '.join(specs)}")
-    key = "arms" if args.seed == 0 else f"arms_seed{args.seed}"
-    results = report.setdefault(key, {})
-    todo = [a for a in wanted if a not in results]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    todo = [(a, k) for k in seeds for a in wanted if a not in report.setdefault(_key(k), {})]
 
     def save() -> None:
         text = json.dumps(report, indent=2)
@@ -277,29 +293,35 @@ def main() -> None:
     save()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         running = {}
+
+        def submit(name: str, seed: int) -> None:
+            base = None if "scratch" in specs[name] else report["base"]["dir"]
+            running[pool.submit(run_arm, name, specs[name], str(work), s, base, seed)] = (name, seed)
+
         if "base" not in report or not Path(report["base"]["dir"]).is_dir():
-            running[pool.submit(pretrain_base, str(work), s)] = "base"
-        for name in [a for a in todo if "scratch" in specs[a]]:  # needs no base: start it now
-            running[pool.submit(run_arm, name, specs[name], str(work), s, None, args.seed)] = name
-            todo.remove(name)
-        if "base" in report and "base" not in running.values():
-            for name in todo:
-                running[pool.submit(run_arm, name, specs[name], str(work), s, report["base"]["dir"], args.seed)] = name
+            running[pool.submit(pretrain_base, str(work), s)] = ("base", None)
+        for name, seed in [t for t in todo if "scratch" in specs[t[0]] or ("base", None) not in running.values()]:
+            submit(name, seed)  # needs no base, or the base is there: start it now
+            todo.remove((name, seed))
         while running:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                name = running.pop(fut)
+                name, seed = running.pop(fut)
                 if name == "base":
                     report["base"] = fut.result()
                     report["analysis"] = analyze_base(Path(report["base"]["dir"]), work, s["seq"])
-                    for arm in todo:
-                        running[pool.submit(run_arm, arm, specs[arm], str(work), s, report["base"]["dir"], args.seed)] = arm
+                    for pending in todo:
+                        submit(*pending)
                 else:
-                    results[name] = fut.result()
+                    report[_key(seed)][name] = fut.result()
                 save()
-                print(name, f"{time.perf_counter() - t_all:.0f}s", flush=True)
+                print(name, seed, f"{time.perf_counter() - t_all:.0f}s", flush=True)
     report["wall_seconds_this_call"] = time.perf_counter() - t_all
     save()
+
+
+def _key(seed: int) -> str:
+    return "arms" if seed == 0 else f"arms_seed{seed}"
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -318,11 +340,20 @@ def summarize(report: dict) -> dict[str, dict]:
         curve = arm["curve"]
         catch = None if "scratch" in name or not a else next(
             (t for t, v in curve if t > 0 and t in a and v <= a[t]), None)
-        rows[name] = {"layers": arm["layers"], "val_start": curve[0][1] if curve and curve[0][0] == 0 else None,
+        rows[name] = {"layers": arm["layers"], "pflops": arm_flops(report, arm, arm["tokens"]) / 1e15,
+                      "val_start": curve[0][1] if curve and curve[0][0] == 0 else None,
                       "heldout_start": arm["heldout_loss_start"], "heldout_end": arm["heldout_loss_end"],
                       "val_end": arm["val_loss_end"], "tokens": arm["tokens"],
                       "tokens_to_base": first_at_or_below(curve, base_val), "tokens_to_catch_a": catch}
     return rows
+
+
+def arm_flops(report: dict, arm: dict, tokens: int) -> float:
+    """Training FLOPs of an arm after ``tokens``; arms recorded before params were stored get them from the shape."""
+    s = report["settings"]
+    per_layer = 13 * s["hidden"] ** 2 + 2 * s["hidden"]  # q, k, v, o (no GQA), SwiGLU at 3x, two norms
+    params = arm.get("params") or report["base"]["params"] + (arm["layers"] - s["n"]) * per_layer
+    return train_flops(params, arm["layers"], s, tokens)
 
 
 def _m(tokens: int | None) -> str:
@@ -355,12 +386,13 @@ def seed_table(report: dict) -> str:
 
 def render(report: dict, png: Path) -> str:
     rows = summarize(report)
-    lines = ["| arm | layers | val. loss at 0 tokens | held-out loss at start | tokens until val. ≤ base "
+    lines = ["| arm | layers | training PFLOPs | val. loss at 0 tokens | held-out loss at start | tokens until val. ≤ base "
              f"({report['base']['val_loss']:.3f}) | tokens until ≤ arm (a) | val. loss at end | held-out loss at end |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         start = "—" if r["val_start"] is None else f"{r['val_start']:.3f}"
-        lines.append(f"| {name} | {r['layers']} | {start} | {r['heldout_start']:.3f} | {_m(r['tokens_to_base'])} | "
+        lines.append(f"| {name} | {r['layers']} | {r['pflops']:.2f} | {start} | {r['heldout_start']:.3f} | "
+                     f"{_m(r['tokens_to_base'])} | "
                      f"{'—' if 'scratch' in name or name.startswith('a_') else _m(r['tokens_to_catch_a'])} | "
                      f"{r['val_end']:.3f} | {r['heldout_end']:.3f} |")
     plot(report, png)
@@ -374,13 +406,24 @@ def plot(report: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = report["base"]
-    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 4.8), dpi=120)
+    fig, (ax, ax4, ax2, ax3) = plt.subplots(1, 4, figsize=(24, 4.8), dpi=120)
     for name, arm in report["arms"].items():
         if "scratch" in name:
             continue
         ax.plot([t / 1e6 for t, _ in arm["curve"]], [v for _, v in arm["curve"]], "o-", ms=2.5, lw=1.2,
                 label=f"{name} ({arm['layers']} layers)")
     ax.axhline(base["val_loss"], color="gray", ls="--", lw=1, label="base after pretraining")
+    for name in ("a_base_continued", "j_base_1.5T", "b_dus_m8", "c_identity_m8", "g_interpose_m8",
+                 "h_interpose_identity_m8", "i_average_m8"):
+        if arm := report["arms"].get(name):
+            ax4.plot([arm_flops(report, arm, t) / 1e15 for t, _ in arm["curve"]], [v for _, v in arm["curve"]], "-",
+                     lw=1.2, label=f"{name} ({arm['layers']} layers)")
+    ax4.set_xlabel("training FLOPs of the continuation (PFLOP)")
+    ax4.set_ylabel("validation loss (nats/token)")
+    ax4.set_title("Same curves against compute: 48 layers cost 1.5x per token")
+    ax4.set_ylim(top=2.45)
+    ax4.grid(alpha=0.3)
+    ax4.legend(fontsize=8)
     ax.set_xlabel("extra tokens T (millions)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(f"Continued pretraining from one 32-layer base (peak LR {report['settings']['cont_lr']:g})")

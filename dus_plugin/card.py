@@ -39,6 +39,17 @@ TASK_DATASETS = {
     "gsm8k": ("openai/gsm8k", "main", "test"),
 }
 STAGE_ORDER = {"base": 0, "upscaled": 1, "trained": 2}
+LAYOUT_WORDS = {
+    "solar": " (SOLAR: the base twice, the last m layers of one copy and the first m of the other dropped)",
+    "interpose": " (each of the layers [m, n−m) followed by its copy: SOLAR's depth and parameters, no seam)",
+    "stack": " (the whole base repeated, G_stack)",
+}
+METHOD_WORDS = {
+    "identity": " (output projections of the later copy of each duplicated layer zeroed: the stack starts as the "
+                "base's function)",
+    "average": " (the later copy of base layer i is the mean of base layers i and i+1, its output projections "
+               "zeroed: the stack starts as the base's function)",
+}
 
 
 def _results(folder: Path, extra: list[Path]) -> list[dict[str, Any]]:
@@ -260,12 +271,14 @@ def _dus_section(manifest: Manifest) -> list[str]:
     from dus_plugin.plan import human_count
 
     plan = manifest.plan
+    layout = plan.layout or ("solar" if plan.m else "layers")
     lines = ["## Depth up-scaling", "",
-             f"- base layers n = {plan.n}, overlap m = {plan.m or '—'}, output layers s = {plan.s}",
-             f"- method: `{manifest.method}`"
-             + (" (output projections of the duplicated copies zeroed: the stack starts as the base's function)"
-                if manifest.method == "identity" else ""),
-             f"- seam after output layer {plan.seam[0] - 1}" if plan.seam else "- no seam"]
+             f"- layout: `{layout}`" + LAYOUT_WORDS.get(layout, ""),
+             f"- base layers n = {plan.n}, " + (f"copies g = {plan.repeat}" if plan.repeat else
+                                                f"overlap m = {plan.m or '—'}") + f", output layers s = {plan.s}",
+             f"- method: `{manifest.method}`" + METHOD_WORDS.get(manifest.method, "")]
+    if layout == "solar" or layout == "layers":
+        lines.append(f"- seam after output layer {plan.seam[0] - 1}" if plan.seam else "- no seam")
     if plan.params_before is not None and plan.params_after is not None:
         lines.append(f"- parameters: {human_count(plan.params_before)} → {human_count(plan.params_after)}")
     lines += ["", "| output layers | copied from base layers |", "|---|---|"]

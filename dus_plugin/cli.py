@@ -76,7 +76,10 @@ def main(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @_handle_errors
 def plan(base: str, output: Path | None, as_json: bool, **options: Any) -> None:
-    """Plan a DUS of BASE (folder or Hub id): print the layer map, write stock mergekit YAML."""
+    """Plan a DUS of BASE (folder or Hub id): print the layer map, write stock mergekit YAML.
+
+    --layout and --method choose where the copies go and how they start; which to pick, measured side by
+    side: docs/reproduction.md, "Growth operators: which to choose"."""
     from dus_plugin.plan import format_layer_map
     from dus_plugin.planning import make_recipe
 

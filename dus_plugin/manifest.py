@@ -51,8 +51,12 @@ class BaseRecord(_Record):
 class PlanRecord(_Record):
     """The layer map and what follows from it (see ``dus_plugin.plan.DusPlan``)."""
 
+    layout: Optional[Literal["solar", "interpose", "stack", "layers"]] = None
+    """How the layer map was built (absent in manifests older than layouts: solar or layers)."""
     n: int
     m: Optional[int] = None
+    repeat: Optional[int] = None
+    """g, for the stack layout."""
     s: int
     slices: list[list[int]]
     layer_map: list[int]
@@ -79,6 +83,8 @@ class TensorRecord(_Record):
     sha256: str
     zeroed: Optional[bool] = None
     """True when identity init zeroed this copy (a residual writer of a duplicated layer)."""
+    mean_with: Optional[str] = None
+    """Method average: the base tensor averaged with ``source`` (the same tensor of the next base layer)."""
 
 
 class UpscaleStage(_Record):
@@ -106,7 +112,7 @@ class Manifest(_Record):
     format: Literal[1] = FORMAT
     created: Optional[str] = None
     versions: dict[str, str] = Field(default_factory=dict)
-    method: Literal["solar", "identity"] = "solar"
+    method: Literal["solar", "identity", "average"] = "solar"
     engine: Optional[str] = None
     base: Optional[BaseRecord] = None
     """None for a plain base that was trained without an upscale."""

@@ -17,6 +17,7 @@ import yaml
 
 from dus_plugin.errors import NetworkError, OutputExistsError, RecipeError, UpscaleError
 from dus_plugin.io import read_yaml_mapping
+from dus_plugin.recipe import AVERAGE_METHOD
 
 MODEL_KEYS = ("model", "base_model", "tokenizer_source")
 
@@ -47,6 +48,9 @@ def run(config: Path, out: Path, mergekit_args: list[str]) -> Path:
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"{out} is not empty; remove it or choose a new output folder", setting="out")
     doc = read_yaml_mapping(config, RecipeError, "mergekit config", "write one with `dus plan BASE -o recipe.yml`")
+    if doc.get("merge_method") == AVERAGE_METHOD:
+        raise RecipeError(f"{config} averages layers (merge_method {AVERAGE_METHOD}, method average), which mergekit "
+                          f"cannot do; run it with `dus upscale {config} {out}`")
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

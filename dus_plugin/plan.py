@@ -7,11 +7,12 @@ the first m of the other, stack them -> s = 2(n - m) layers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from dus_plugin.errors import PlanError
 
+LAYOUTS = ("solar", "interpose", "stack")
 # Keys under which a config may hold its decoder settings (multimodal wrappers nest them).
 _TEXT_CONFIG_KEYS = ("text_config", "language_config", "llm_config")
 
@@ -74,8 +75,12 @@ class DusPlan:
     n: int
     slices: tuple[Slice, ...]
     overlap: int | None = None
-    """m, when the plan is the SOLAR two-slice shape; None for an explicit layer list."""
+    """m, for the solar and interpose layouts; None otherwise."""
     params_before: ParamCount | None = field(default=None, compare=False)
+    layout: str = "layers"
+    """solar, interpose, stack, or layers (an explicit layer list)."""
+    repeat: int | None = None
+    """g, for the stack layout: the whole base g times."""
 
     @property
     def s(self) -> int:
@@ -112,8 +117,10 @@ class DusPlan:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
+            "layout": self.layout,
             "n": self.n,
             "m": self.overlap,
+            "repeat": self.repeat,
             "s": self.s,
             "slices": [sl.as_list() for sl in self.slices],
             "layer_map": self.layer_map,
@@ -132,8 +139,8 @@ def default_overlap(n: int) -> int:
     return n // 4
 
 
-def solar_plan(config: Mapping[str, Any], overlap: int | None = None) -> DusPlan:
-    """Two slices [0, n-m) + [m, n) of the same base -> s = 2(n - m) layers."""
+def _checked_overlap(config: Mapping[str, Any], overlap: int | None) -> tuple[int, int]:
+    """(n, m) with 1 <= m < n/2, the overlap both the solar and the interpose layout take."""
     n = num_layers(config)
     m = default_overlap(n) if overlap is None else overlap
     if m <= 0:
@@ -142,8 +149,62 @@ def solar_plan(config: Mapping[str, Any], overlap: int | None = None) -> DusPlan
         raise PlanError(
             f"`drop` {m} gives s = 2({n}-{m}) = {2 * (n - m)} layers, no more than the base's {n}: "
             f"choose m < n/2 = {n / 2:g}", setting="drop")
+    return n, m
+
+
+def solar_plan(config: Mapping[str, Any], overlap: int | None = None) -> DusPlan:
+    """Two slices [0, n-m) + [m, n) of the same base -> s = 2(n - m) layers."""
+    n, m = _checked_overlap(config, overlap)
     slices = (Slice(0, n - m), Slice(m, n))
-    return DusPlan(n=n, slices=slices, overlap=m, params_before=count_params(config))
+    return DusPlan(n=n, slices=slices, overlap=m, params_before=count_params(config), layout="solar")
+
+
+def interpose_plan(config: Mapping[str, Any], overlap: int | None = None) -> DusPlan:
+    """The layers solar duplicates, [m, n-m), each copy placed right after its source: s = 2(n - m), no seam."""
+    n, m = _checked_overlap(config, overlap)
+    layers = [*range(m), *(i for i in range(m, n - m) for _ in (0, 1)), *range(n - m, n)]
+    return replace(layer_list_plan(config, layers), overlap=m, layout="interpose")
+
+
+def stack_plan(config: Mapping[str, Any], repeat: int | None = None) -> DusPlan:
+    """The whole base ``repeat`` times (G_stack): s = g n."""
+    g = 2 if repeat is None else repeat
+    if g < 2:
+        raise PlanError(f"`repeat` must be at least 2 (got {g}): the stack layout repeats the whole base g times",
+                        setting="repeat")
+    return replace(layer_list_plan(config, list(range(num_layers(config))) * g), layout="stack", repeat=g)
+
+
+def layout_plan(config: Mapping[str, Any], layout: str, overlap: int | None = None,
+                repeat: int | None = None) -> DusPlan:
+    """The plan of a named layout; ``overlap`` serves solar and interpose, ``repeat`` stack."""
+    if layout == "stack":
+        if overlap is not None:
+            raise PlanError("`drop` does not apply to the stack layout, which repeats all layers; give `repeat`",
+                            setting="drop")
+        return stack_plan(config, repeat)
+    if repeat is not None:
+        raise PlanError(f"`repeat` applies to the stack layout only, not {layout}", setting="repeat")
+    if layout == "interpose":
+        return interpose_plan(config, overlap)
+    if layout == "solar":
+        return solar_plan(config, overlap)
+    raise PlanError(f"`layout` {layout!r} is unknown; choose one of {', '.join(LAYOUTS)}", setting="layout")
+
+
+def recognise(config: Mapping[str, Any], layer_map: Sequence[int]) -> DusPlan:
+    """The plan a layer map is: a named layout when it is one, else an explicit layer list."""
+    n = num_layers(config)
+    layer_map = list(layer_map)
+    candidates = [lambda k=k: solar_plan(config, k) for k in range(1, (n + 1) // 2)]
+    candidates += [lambda k=k: interpose_plan(config, k) for k in range(1, (n + 1) // 2)]
+    if len(layer_map) % n == 0 and len(layer_map) >= 2 * n:
+        candidates.append(lambda: stack_plan(config, len(layer_map) // n))
+    for make in candidates:
+        plan = make()
+        if plan.layer_map == layer_map:
+            return plan
+    return layer_list_plan(config, layer_map)
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -220,12 +281,15 @@ def count_params(config: Mapping[str, Any]) -> ParamCount | None:
 
 def format_layer_map(plan: DusPlan) -> str:
     """A compact human table: output ranges -> source ranges, with the seam marked."""
-    lines = [f"n={plan.n}  m={plan.overlap if plan.overlap is not None else '-'}  s={plan.s}"]
+    lines = [f"layout {plan.layout}: n={plan.n}  " + (f"g={plan.repeat}" if plan.repeat else
+             f"m={plan.overlap if plan.overlap is not None else '-'}") + f"  s={plan.s}"]
     out = 0
+    seen: set[int] = set()
     for k, sl in enumerate(plan.slices):
         length = sl.end - sl.start
-        mark = "  <- seam" if k > 0 else ""
+        mark = ("  <- seam" if plan.layout == "solar" else "  (copies)") if k > 0 and seen & set(sl.layers) else ""
         lines.append(f"  out {out:>3}..{out + length - 1:<3} <- base {sl.start:>3}..{sl.end - 1:<3}{mark}")
+        seen.update(sl.layers)
         out += length
     if plan.params_before is not None:
         before, after = plan.params_before.total, plan.params_after.total  # type: ignore[union-attr]

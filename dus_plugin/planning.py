@@ -10,7 +10,7 @@ from pydantic import BaseModel as Model
 from pydantic import ConfigDict
 
 from dus_plugin.errors import BaseModelError, PlanError
-from dus_plugin.plan import DusPlan, layer_list_plan, parse_layers, solar_plan
+from dus_plugin.plan import DusPlan, layer_list_plan, layout_plan, parse_layers
 from dus_plugin.source import BaseModel
 
 LOG = logging.getLogger(__name__)
@@ -20,12 +20,18 @@ class PlanOptions(Model):
     """How to grow the base; each field is a `dus plan` flag and a key under `upscale:` in a run recipe."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    layout: Literal["solar", "interpose", "stack"] = "solar"
+    """Where the copies go. solar: [0, n-m) then [m, n); interpose: each of the layers [m, n-m) followed by its copy
+    (same depth, no seam); stack: the whole base `repeat` times. docs/reproduction.md compares them."""
     drop: Optional[int] = None
-    """Overlap m: layers dropped per copy [default: n/4]."""
+    """Overlap m of the solar and interpose layouts [default: n/4]."""
+    repeat: Optional[int] = None
+    """g, the copies of the whole base in the stack layout [default: 2]."""
     layers: Optional[str] = None
-    """Explicit stacking instead of drop, e.g. 0:24,8:32."""
-    method: Literal["solar", "identity"] = "solar"
-    """identity: zero the residual-writing projections of each duplicated copy (the base's function at step 0)."""
+    """Explicit stacking instead of a layout, e.g. 0:24,8:32."""
+    method: Literal["solar", "identity", "average"] = "solar"
+    """How the later copy of a duplicated layer starts. solar: a plain copy; identity: its residual-writing
+    projections zeroed (the base's function at step 0); average: the mean of base layers i and i+1, then zeroed."""
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
     """Output dtype [default: the base's]."""
     revision: Optional[str] = None
@@ -55,24 +61,28 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     from dus_plugin.recipe import build_recipe
     from dus_plugin.source import mergekit_architectures, padded_vocab, resolve_base
 
-    if options.drop is not None and options.layers is not None:
-        raise PlanError("`drop` and `layers` are alternatives; give one", setting="drop")
+    if options.layers is not None and (options.drop is not None or options.repeat is not None
+                                       or options.layout != "solar"):
+        raise PlanError("`layers` is an alternative to `layout`, `drop` and `repeat`; give one", setting="layers")
     base = resolve_base(base_ref, options.revision)
     names = base_tensor_names(base)
     stack = layer_stack(base.config, names)
     plan = layer_list_plan(base.config, parse_layers(options.layers)) if options.layers else \
-        solar_plan(base.config, options.drop)
+        layout_plan(base.config, options.layout, options.drop, options.repeat)
     upscaled_config(base.config, plan.layer_map)
     filters: tuple[str, ...] = ()
-    if options.method == "identity":
-        filters = identity_filters(base, stack, names)
+    if options.method in ("identity", "average"):
+        filters = identity_filters(base, stack, names, options.method)
     dtype = options.dtype or base.config.get("dtype") or base.config.get("torch_dtype")
     notes: list[str] = []
     padded = padded_vocab(base) if options.tokenizer_source == "auto" else None
     if padded:
         notes.append(f"tokenizer_source omitted: the base pads its vocabulary to {padded[0]} rows for {padded[1]} "
                      "tokens, and with tokenizer_source mergekit would cut the embeddings to the tokenizer's size")
-    if base.architecture not in mergekit_architectures():
+    if options.method == "average":
+        notes.append("method average: mergekit has no per-layer mean, so this recipe runs only with `dus upscale` "
+                     "(its streaming engine)")
+    elif base.architecture not in mergekit_architectures():
         notes.append(f"stock mergekit has no definition of {base.architecture}: run this recipe with "
                      "`dus upscale` (its streaming engine reads the layer stack from transformers)")
     notes += llama_cpp_notes(base.config, plan.layer_map)
@@ -100,7 +110,7 @@ def base_tensor_names(base: BaseModel) -> list[str] | None:
         return None
 
 
-def identity_filters(base: BaseModel, stack, names: list[str] | None) -> tuple[str, ...]:
+def identity_filters(base: BaseModel, stack, names: list[str] | None, method: str = "identity") -> tuple[str, ...]:
     """The residual writers of one layer, as mergekit scale filters."""
     from dus_plugin.architecture import POST_NORM, RESIDUAL_MIXERS, writer_filters
 
@@ -109,13 +119,13 @@ def identity_filters(base: BaseModel, stack, names: list[str] | None) -> tuple[s
     if mixers:
         why = f"its layers rescale or mix the residual stream themselves ({', '.join(mixers)} tensors)"
     if why:
-        raise PlanError(f"method identity cannot make a copy of a {base.architecture} layer the identity: {why}; "
+        raise PlanError(f"method {method} cannot make a copy of a {base.architecture} layer the identity: {why}; "
                         "use method solar")
     if names is None:
-        raise BaseModelError(f"method identity needs the base's tensor names, and {base.ref} has no readable "
+        raise BaseModelError(f"method {method} needs the base's tensor names, and {base.ref} has no readable "
                              "safetensors here or on the Hub; download the base and plan from its folder")
     filters = writer_filters([n for n in names if stack.index(n) is not None])
     if not filters:
-        raise PlanError(f"method identity: no tensor of {base.architecture}'s layers is known to write into the "
+        raise PlanError(f"method {method}: no tensor of {base.architecture}'s layers is known to write into the "
                         "residual stream, so no copy can be made an identity; use method solar")
     return tuple(filters)

@@ -7,19 +7,23 @@ mergekit's own schema is permissive (it drops a misspelled key, accepts a revers
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel as Model
-from pydantic import ConfigDict, ValidationError, field_validator
+from pydantic import ConfigDict, ValidationError, field_validator, model_validator
 
 from dus_plugin.errors import RecipeError
 from dus_plugin.io import read_yaml_mapping
 from dus_plugin.plan import DusPlan, Slice, human_count
 from dus_plugin.validation import first_error
 
-METHODS = ("solar", "identity")
+METHODS = ("solar", "identity", "average")
+# dus's own merge method for `method: average`: mergekit has no per-layer mean in passthrough, and refuses
+# a merge method it does not know, so a recipe that needs dus's engine never runs half-right in mergekit.
+AVERAGE_METHOD = "dus_average"
 # The projections that write into the residual stream; zeroing them makes a layer the identity.
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -40,14 +44,22 @@ class Source(Model):
 
 
 class SliceSpec(Model):
+    """One run of output layers. With two sources (merge_method dus_average), output layer j of the run is the
+    element-wise mean of the two sources' j-th layers, then scaled by the first source's filters."""
+
     model_config = ConfigDict(extra="forbid")
     sources: list[Source]
 
     @field_validator("sources")
     @classmethod
-    def _one_source(cls, v: list[Source]) -> list[Source]:
-        if len(v) != 1:
-            raise ValueError(f"a DUS slice has exactly one source, got {len(v)}")
+    def _one_or_two_sources(cls, v: list[Source]) -> list[Source]:
+        if len(v) not in (1, 2):
+            raise ValueError(f"a DUS slice has one source (a copy) or two (their mean), got {len(v)}")
+        if len(v) == 2:
+            (a, b), (c, d) = v[0].layer_range, v[1].layer_range
+            if (c, d) != (a + 1, b + 1) or v[1].parameters:
+                raise ValueError(f"a mean of two sources takes layer i with layer i + 1: after layer_range {[a, b]} "
+                                 f"the second source is [{a + 1}, {b + 1}] without parameters, got {[c, d]}")
         return v
 
 
@@ -55,7 +67,7 @@ class Recipe(Model):
     """The subset of mergekit's schema that a DUS recipe uses, validated strictly."""
 
     model_config = ConfigDict(extra="forbid")
-    merge_method: Literal["passthrough"]
+    merge_method: Literal["passthrough", "dus_average"]
     slices: list[SliceSpec]
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
     out_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
@@ -69,10 +81,18 @@ class Recipe(Model):
     def _same_model(cls, v: list[SliceSpec]) -> list[SliceSpec]:
         if not v:
             raise ValueError("needs at least one slice")
-        models = {s.sources[0].model for s in v}
+        models = {src.model for s in v for src in s.sources}
         if len(models) != 1:
             raise ValueError(f"all slices of a DUS recipe take the same model, got {sorted(models)}")
         return v
+
+    @model_validator(mode="after")
+    def _means_need_dus_average(self) -> Recipe:
+        two = next((k for k, s in enumerate(self.slices) if len(s.sources) == 2), None)
+        if two is not None and self.merge_method != AVERAGE_METHOD:
+            raise ValueError(f"slices[{two}] has two sources, a mean, which only merge_method {AVERAGE_METHOD} "
+                             "(run by `dus upscale`) computes")
+        return self
 
     @property
     def model(self) -> str:
@@ -85,6 +105,18 @@ class Recipe(Model):
     @property
     def layer_map(self) -> list[int]:
         return [i for a, b in self.layer_ranges for i in range(a, b)]
+
+    def averaged_outputs(self) -> dict[int, int]:
+        """Output layer -> the base layer averaged into it, besides its source (method average)."""
+        out: dict[int, int] = {}
+        i = 0
+        for s in self.slices:
+            first = s.sources[0].layer_range
+            for k in range(first[1] - first[0]):
+                if len(s.sources) == 2:
+                    out[i] = s.sources[1].layer_range[0] + k
+                i += 1
+        return out
 
     def zeroed_outputs(self) -> dict[int, list[str]]:
         """Output layer -> name filters whose tensors this recipe scales to 0 (identity method)."""
@@ -133,42 +165,53 @@ def check_against_base(recipe: Recipe, n: int, where: str = "recipe") -> None:
             )
 
 
-def plan_slices(plan: DusPlan, method: str) -> list[tuple[Slice, bool]]:
-    """Slices with a flag 'zero the output projections', per method.
+@dataclass(frozen=True)
+class PlannedSlice:
+    """A run of output layers copied from consecutive base layers, all treated alike."""
 
-    identity (LLaMA-Pro style): the second copy of each duplicated layer gets its output
-    projections zeroed, so it adds nothing to the residual stream and the stack computes the
-    base's function; the SOLAR two-slice plan becomes [0, n-m) + [m, n-m) zeroed + [n-m, n).
+    layers: Slice
+    zero: bool = False
+    """Zero the residual writers: each layer is a later occurrence of its source (identity, average)."""
+    average: bool = False
+    """Average each layer i with base layer i + 1 before zeroing (average)."""
+
+
+def plan_slices(plan: DusPlan, method: str) -> list[PlannedSlice]:
+    """The plan's runs, split where the method treats layers differently.
+
+    In every duplicated pair the later occurrence in output order is the one changed: identity zeroes
+    its residual writers (LLaMA Pro), average first replaces it with the mean of base layers i and i + 1
+    (layer i alone for the last layer, OpT-DeUS's averaging baseline), so both start as the base's function.
     """
-    if method == "solar":
-        return [(sl, False) for sl in plan.slices]
-    if method != "identity":
+    if method not in METHODS:
         raise RecipeError(f"`method` {method!r} is unknown; choose one of {', '.join(METHODS)}", setting="method")
-    out: list[tuple[Slice, bool]] = []
+    runs: list[PlannedSlice] = []
     seen: set[int] = set()
-    for sl in plan.slices:
-        run_start = sl.start
-        for i in sl.layers:
-            dup = i in seen
-            boundary = i == sl.start or (dup != (i - 1 in seen))
-            if boundary and i != run_start:
-                out.append((Slice(run_start, i), (i - 1) in seen))
-                run_start = i
-        out.append((Slice(run_start, sl.end), (sl.end - 1) in seen))
-        seen.update(sl.layers)
-    return out
+    for src in plan.layer_map:
+        zero = method != "solar" and src in seen
+        average = zero and method == "average" and src + 1 < plan.n
+        seen.add(src)
+        last = runs[-1] if runs else None
+        if last and last.layers.end == src and (last.zero, last.average) == (zero, average):
+            runs[-1] = PlannedSlice(Slice(last.layers.start, src + 1), zero, average)
+        else:
+            runs.append(PlannedSlice(Slice(src, src + 1), zero, average))
+    return runs
 
 
 def build_recipe(model: str, plan: DusPlan, *, method: str = "solar", dtype: str | None = None,
                  projections: tuple[str, ...] = OUTPUT_PROJECTIONS, tokenizer_source: bool = True) -> dict[str, Any]:
-    """The mergekit YAML document (as a dict) for ``plan`` on ``model``."""
+    """The mergekit YAML document (as a dict) for ``plan`` on ``model``; method average needs dus's engine."""
     slices = []
-    for sl, zero in plan_slices(plan, method):
-        src: dict[str, Any] = {"model": model, "layer_range": sl.as_list()}
-        if zero:
+    for run in plan_slices(plan, method):
+        src: dict[str, Any] = {"model": model, "layer_range": run.layers.as_list()}
+        if run.zero:
             src["parameters"] = {"scale": [{"filter": p, "value": 0.0} for p in projections] + [{"value": 1.0}]}
-        slices.append({"sources": [src]})
-    doc: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
+        sources = [src]
+        if run.average:
+            sources.append({"model": model, "layer_range": [run.layers.start + 1, run.layers.end + 1]})
+        slices.append({"sources": sources})
+    doc: dict[str, Any] = {"merge_method": AVERAGE_METHOD if method == "average" else "passthrough", "slices": slices}
     if dtype:
         doc["dtype"] = dtype
     if tokenizer_source:
@@ -180,10 +223,12 @@ def render_recipe(doc: dict[str, Any], plan: DusPlan, *, method: str, command: l
                   notes: list[str] = ()) -> str:
     """YAML text with a comment header that states the arithmetic and the command that made it."""
     p = plan.to_dict()
+    stock = doc["merge_method"] == "passthrough"
     head = [
-        "# Depth up-scaling (SOLAR, Kim et al. 2023, arXiv:2312.15166) as a stock mergekit passthrough merge.",
-        f"# n = {plan.n} base layers" + (f", m = {plan.overlap} dropped per copy" if plan.overlap is not None else "")
-        + f" -> s = {plan.s} layers" + (f" = 2({plan.n}-{plan.overlap})" if plan.overlap is not None else ""),
+        "# Depth up-scaling (SOLAR, Kim et al. 2023, arXiv:2312.15166) "
+        + ("as a stock mergekit passthrough merge." if stock else
+           f"with dus's {AVERAGE_METHOD} merge: mergekit cannot average layers, run it with `dus upscale`."),
+        f"# layout {plan.layout}: {layout_arithmetic(plan)}",
         "# slices (half-open): " + " + ".join(f"[{a}, {b})" for a, b in p["slices"]) + f"; method: {method}",
     ]
     if "params_before" in p:
@@ -191,6 +236,19 @@ def render_recipe(doc: dict[str, Any], plan: DusPlan, *, method: str, command: l
     if command:
         head.append("# made by: " + " ".join(shlex.quote(c) for c in command))
     head.extend(f"# {n}" for n in notes)
-    head.append("# run with: mergekit-yaml THIS.yml OUT/   (or: dus upscale THIS.yml OUT/)")
+    head.append("# run with: mergekit-yaml THIS.yml OUT/   (or: dus upscale THIS.yml OUT/)" if stock else
+                "# run with: dus upscale THIS.yml OUT/")
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None)
     return "\n".join(head) + "\n" + body
+
+
+def layout_arithmetic(plan: DusPlan) -> str:
+    """n, m (or g) and s, as the layout computes them."""
+    n, m, s = plan.n, plan.overlap, plan.s
+    if plan.layout == "solar":
+        return f"n = {n} base layers, m = {m} dropped per copy -> s = 2({n}-{m}) = {s} layers"
+    if plan.layout == "interpose":
+        return f"n = {n} base layers, layers [{m}, {n - m}) each followed by its copy -> s = 2({n}-{m}) = {s} layers"
+    if plan.layout == "stack":
+        return f"n = {n} base layers, the whole base {plan.repeat} times -> s = {s} layers"
+    return f"n = {n} base layers -> s = {s} layers (explicit layer list)"

@@ -1,6 +1,7 @@
 """Streaming writer for pure-passthrough DUS plans: upscale at the speed of the disk.
 
-A DUS plan is a copy of tensors (plus tensors scaled by 0 for the identity method), so the
+A DUS plan is a copy of tensors (plus tensors scaled by 0 for the identity method, and means of
+two neighbouring layers for the average method), so the
 output's safetensors headers can be computed before any data is written, and each tensor's
 bytes copied by range from the base shards. Memory stays bounded by one copy buffer, or by the
 largest tensor that must be transformed (a dtype cast or a zeroed projection). The tensor
@@ -42,6 +43,8 @@ class OutTensor:
     src_name: str
     dtype: str
     zero: bool
+    mean_with: SourceTensor | None = None
+    """Method average: the tensor of the next base layer that this one is averaged with."""
 
     @property
     def nbytes(self) -> int:
@@ -52,7 +55,7 @@ class OutTensor:
 
     @property
     def raw_copy(self) -> bool:
-        return not self.zero and self.dtype == self.src.dtype
+        return not self.zero and self.mean_with is None and self.dtype == self.src.dtype
 
 
 def streamable(recipe: Recipe) -> str | None:
@@ -81,6 +84,7 @@ def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: L
     for file in sorted(set(weight_map(base_dir).values())):
         sources.update(read_header(base_dir / file))
     zeroed = recipe.zeroed_outputs()
+    averaged = recipe.averaged_outputs()
     layer_names: dict[int, list[str]] = {}
     outside: list[str] = []
     for name in sources:
@@ -94,8 +98,20 @@ def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: L
         for src_name in layer_names.get(src_layer, []):
             name = stack.rename(src_name, i)
             zero = any(f in name for f in zeroed.get(i, []))
-            out.append(OutTensor(name, sources[src_name], src_name, target or sources[src_name].dtype, zero))
+            mean_with = _neighbour(sources, stack, src_name, averaged[i]) if i in averaged else None
+            out.append(OutTensor(name, sources[src_name], src_name, target or sources[src_name].dtype, zero,
+                                 mean_with))
     return out
+
+
+def _neighbour(sources: dict[str, SourceTensor], stack: LayerStack, name: str, layer: int) -> SourceTensor:
+    """The tensor of base layer ``layer`` that ``name`` is averaged with; UpscaleError when the layers differ."""
+    other = stack.rename(name, layer)
+    if other not in sources or sources[other].shape != sources[name].shape:
+        raise UpscaleError(f"method average needs base layer {layer} to hold {stack.relative(name)} with the shape "
+                           f"{sources[name].shape} of layer {stack.index(name)}, and it does not (this family's "
+                           "layers differ from each other); use method identity")
+    return sources[other]
 
 
 def shard(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
@@ -173,7 +189,7 @@ def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], 
                 _copy_range(fd, out, t.src.start, offset, t.nbytes)
                 hashes[t.name] = hasher(t.src.file, t.src.start, t.nbytes)
             else:
-                data = transformed_bytes(t.src, t.src_name, t.dtype, t.zero)
+                data = transformed_bytes(t.src, t.src_name, t.dtype, t.zero, t.mean_with)
                 os.pwrite(out, data, offset)
                 hashes[t.name] = hashlib.sha256(data).hexdigest()
             offset += t.nbytes

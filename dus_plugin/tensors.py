@@ -117,12 +117,17 @@ def read_tensor(t: SourceTensor):
     return torch.frombuffer(buf, dtype=dtype).reshape(t.shape)
 
 
-def transformed_bytes(src: SourceTensor, name: str, dtype: str, zero: bool) -> bytes:
+def transformed_bytes(src: SourceTensor, name: str, dtype: str, zero: bool,
+                      mean_with: SourceTensor | None = None) -> bytes:
     """A tensor cast to ``dtype`` (safetensors name) and/or zeroed, computed as mergekit computes it
-    (``x.to(dtype) * 0.0``): the bytes both engines write and verify expects."""
+    (``x.to(dtype) * 0.0``): the bytes both engines write and verify expects. With ``mean_with``, the
+    tensor is first the element-wise mean of the two, computed in float32 (method average)."""
     import torch
 
-    x = read_tensor(src).to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype])
+    x = read_tensor(src)
+    if mean_with is not None:
+        x = (x.float() + read_tensor(mean_with).float()) / 2
+    x = x.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype])
     if zero:
         x = x * 0.0
     return x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()

@@ -22,8 +22,8 @@ from dus_plugin.errors import BaseModelError, DusError, Interrupted, OutputExist
 from dus_plugin.io import parse_size
 from dus_plugin.validation import HubId
 from dus_plugin.manifest import Manifest, UpscaleStage
-from dus_plugin.plan import DusPlan, Slice, count_params
-from dus_plugin.recipe import Recipe, check_against_base, load_recipe
+from dus_plugin.plan import DusPlan, num_layers
+from dus_plugin.recipe import AVERAGE_METHOD, Recipe, check_against_base, load_recipe
 from dus_plugin.architecture import LayerStack, layer_stack, upscaled_config
 from dus_plugin.llamacpp import notes_for as llama_cpp_notes
 from dus_plugin.source import BaseModel, local_snapshot, resolve_base
@@ -64,14 +64,10 @@ class UpscaleOptions(EngineOptions):
 
 
 def plan_of(recipe: Recipe, base_config: dict[str, Any]) -> DusPlan:
-    """The DusPlan a recipe describes; m is recognised when the layer map is SOLAR's shape."""
-    from dus_plugin.plan import num_layers
+    """The DusPlan a recipe describes, with its layout (solar, interpose, stack) recognised from the layer map."""
+    from dus_plugin.plan import recognise
 
-    n = num_layers(base_config)
-    lm = recipe.layer_map
-    m = next((k for k in range(1, (n + 1) // 2) if lm == list(range(n - k)) + list(range(k, n))), None)
-    slices = (Slice(0, n - m), Slice(m, n)) if m else tuple(Slice(a, b) for a, b in recipe.layer_ranges)
-    return DusPlan(n=n, slices=slices, overlap=m, params_before=count_params(base_config))
+    return recognise(base_config, recipe.layer_map)
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -93,7 +89,7 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     recipe = load_recipe(recipe_path)
     base = resolve_base(recipe.model)
     stack = layer_stack(base.config)
-    check_against_base(recipe, plan_of(recipe, base.config).n, where=str(recipe_path))
+    check_against_base(recipe, num_layers(base.config), where=str(recipe_path))
     upscaled_config(base.config, recipe.layer_map)  # refuses a layer map the family's config cannot express
     for line in llama_cpp_notes(base.config, recipe.layer_map):
         LOG.warning(line)
@@ -162,6 +158,9 @@ def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, stack: LayerS
             (base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise BaseModelError(f"base {base.ref} has no tokenizer (tokenizer_config.json with tokenizer.json or "
                              "tokenizer.model); the upscaled model needs the base's tokenizer")
+    if options.engine == "mergekit" and recipe.merge_method == AVERAGE_METHOD:
+        raise RecipeError(f"`engine` mergekit cannot run merge_method {AVERAGE_METHOD} (method average): mergekit "
+                          "has no per-layer mean; choose auto or stream", setting="engine")
     why = streamable(recipe) if options.engine != "mergekit" else "`engine` is mergekit"
     if why is None:
         LOG.info("streaming the plan tensor by tensor (pure passthrough)")
@@ -239,11 +238,12 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
 
     plan = plan_of(recipe, base.config)
     zeroed = recipe.zeroed_outputs()
+    method = "average" if recipe.merge_method == AVERAGE_METHOD else "identity" if zeroed else "solar"
     return Manifest(
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         versions={"dus_plugin": __version__, "mergekit": version("mergekit"),
                   "transformers": version("transformers"), "torch": version("torch")},
-        method="identity" if zeroed else "solar",
+        method=method,
         base=BaseRecord(
             ref=base.ref, hub_id=base.hub_id, revision=base.revision, local_path=str(base_dir.absolute()),
             architecture=base.architecture, config=base.config,
@@ -256,14 +256,14 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
         recipe_yaml=recipe_path.read_text(encoding="utf-8"),
         plan=PlanRecord(**plan.to_dict()),
         layers=LayersRecord(**stack.to_dict()),
-        tensors={name: TensorRecord(**entry) for name, entry in _tensor_records(folder, stack, plan.layer_map,
-                                                                                 zeroed, quiet, hashes).items()},
+        tensors={name: TensorRecord(**entry) for name, entry in _tensor_records(
+            folder, stack, plan.layer_map, zeroed, recipe.averaged_outputs(), quiet, hashes).items()},
         stages=[UpscaleStage()],
     )
 
 
 def _tensor_records(folder: Path, stack: LayerStack, layer_map: list[int], zeroed: dict[int, list[str]],
-                    quiet: bool, hashes: dict[str, str] | None) -> dict[str, dict[str, Any]]:
+                    averaged: dict[int, int], quiet: bool, hashes: dict[str, str] | None) -> dict[str, dict[str, Any]]:
     from tqdm import tqdm
 
     from dus_plugin.stream import hash_file_tensors
@@ -278,6 +278,8 @@ def _tensor_records(folder: Path, stack: LayerStack, layer_map: list[int], zeroe
                      "dtype": _TORCH_DTYPE.get(t.dtype, t.dtype.lower()), "shape": t.shape, "sha256": file_hashes[name]}
             if i is not None and any(f in name for f in zeroed.get(i, [])):
                 entry["zeroed"] = True
+            if i in averaged:
+                entry["mean_with"] = stack.rename(name, averaged[i])
             tensors[name] = entry
     return tensors
 

@@ -45,6 +45,8 @@ class Expected:
 
     source: str
     zero: bool
+    mean_with: str | None = None
+    """Method average: the base tensor of the next layer, averaged with ``source`` before zeroing."""
 
 
 def verify(folder: str | Path, base: str | Path | None = None, forward: bool = True,
@@ -68,7 +70,8 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
         report.tensors = (_check_against_base(folder, manifest, base_dir, base_config, quiet) if base_dir
                           else _check_hashes(folder, manifest, quiet))
     if forward:
-        report.held = _forward(folder, base_dir if manifest.method == "identity" and not report.trained else None)
+        function_preserving = manifest.method in ("identity", "average") and not report.trained
+        report.held = _forward(folder, base_dir if function_preserving else None)
         report.forward = True
     LOG.info("verified %s: %d tensors", folder, report.tensors)
     return report
@@ -127,14 +130,15 @@ def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: lis
                      method: str) -> dict[str, Expected]:
     """Every output tensor the plan implies, from the base's files and the model class."""
     from dus_plugin.architecture import layer_stack, writer_filters
-    from dus_plugin.plan import DusPlan, Slice
+    from dus_plugin.plan import layer_list_plan, num_layers
 
     names = list(weight_map(base_dir))
     stack = layer_stack(base_config, names)
     zeroed: set[int] = set()
     filters: list[str] = []
-    if method == "identity":
-        zeroed = set(DusPlan(n=max(layer_map) + 1, slices=tuple(Slice(i, i + 1) for i in layer_map)).duplicated_outputs)
+    n_base = num_layers(base_config)
+    if method in ("identity", "average"):
+        zeroed = set(layer_list_plan(base_config, layer_map).duplicated_outputs)
         filters = writer_filters([n for n in names if stack.index(n) is not None])
     out: dict[str, Expected] = {n: Expected(n, False) for n in names if stack.index(n) is None}
     by_layer: dict[int, list[str]] = {}
@@ -142,9 +146,11 @@ def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: lis
         if (i := stack.index(n)) is not None:
             by_layer.setdefault(i, []).append(n)
     for i, src in enumerate(layer_map):
-        for n in by_layer.get(src, []):
-            new = stack.rename(n, i)
-            out[new] = Expected(n, i in zeroed and any(f in new for f in filters))
+        averaged = method == "average" and i in zeroed and src + 1 < n_base
+        for name in by_layer.get(src, []):
+            new = stack.rename(name, i)
+            out[new] = Expected(name, i in zeroed and any(f in new for f in filters),
+                                stack.rename(name, src + 1) if averaged else None)
     return out
 
 
@@ -167,21 +173,24 @@ def _check_against_base(folder: Path, manifest: Manifest, base_dir: Path, base_c
               disable=quiet) as bar:
         for name, t in found.items():
             want = expected[name]
-            digest = _compare(name, t, sources[want.source], want)
+            digest = _compare(name, t, sources[want.source], want, sources.get(want.mean_with or ""))
             if name in recorded and recorded[name].sha256 != digest:
                 raise VerifyError(f"tensor {name} in {t.file.name} does not match its hash in the manifest")
             bar.update(t.nbytes)
     return len(found)
 
 
-def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected) -> str:
+def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected, mean_with: SourceTensor | None) -> str:
     """sha256 of the output tensor's bytes; VerifyError at the first byte that differs from what its source implies."""
     from dus_plugin.tensors import transformed_bytes
 
     if src.shape != t.shape:
         raise VerifyError(f"tensor {name} has shape {t.shape}, its source {want.source} {src.shape}")
-    raw = not want.zero and src.dtype == t.dtype
-    expected = None if raw else transformed_bytes(src, want.source, t.dtype, want.zero)
+    if want.mean_with and (mean_with is None or mean_with.shape != t.shape):
+        raise VerifyError(f"tensor {name} should be the mean of {want.source} and {want.mean_with}, and the base's "
+                          f"{want.mean_with} is missing or has another shape")
+    raw = not want.zero and want.mean_with is None and src.dtype == t.dtype
+    expected = None if raw else transformed_bytes(src, want.source, t.dtype, want.zero, mean_with)
     h = hashlib.sha256()
     fd = os.open(t.file, os.O_RDONLY)
     sfd = os.open(src.file, os.O_RDONLY) if raw else None
@@ -193,8 +202,9 @@ def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected) -> s
             h.update(chunk)
             ref = os.pread(sfd, n, src.start + done) if sfd is not None else expected[done:done + n]
             if chunk != ref:
-                what = "zeroed copy of" if want.zero else "copy of"
-                raise VerifyError(f"tensor {name} is not the {what} {want.source} that the plan implies "
+                what = (f"mean of {want.source} and {want.mean_with}" if want.mean_with else
+                        f"zeroed copy of {want.source}" if want.zero else f"copy of {want.source}")
+                raise VerifyError(f"tensor {name} is not the {what} that the plan implies "
                                   f"(in {t.file.name}, from byte {done} of the tensor)")
             done += len(chunk)
     finally:

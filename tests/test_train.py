@@ -66,7 +66,7 @@ def test_shipped_training_configs_validate(path):
     ({"learning_rate": 1}, "field learning_rate: unknown key"),
     ({"max_steps": None}, "exactly one of max_steps and max_tokens"),
     ({"global_batch_size": 6}, "not a multiple of micro_batch_size"),
-    ({"precision": "fp8"}, "field precision"),
+    ({"precision": "fp4"}, "field precision"),
     ({"data": {"sources": [{"path": "x.txt", "streaming": True}], "seq_len": 8}}, "field data.sources[0]"),
     ({"seam": {"focus": "duplicated", "focus_steps": 0}}, "field seam"),
 ])
@@ -363,3 +363,33 @@ def test_resume_on_a_finished_run_says_so_and_overwrite_starts_over(tmp_path, ti
     fresh = dus("train", cfg, "-q", "--overwrite")
     assert fresh.exit_code == 0 and fresh.output.startswith("trained 4 steps"), fresh.output
     assert (tmp_path / "cache").is_dir()  # the tokenized data was not thrown away with the run
+
+
+def test_profile_says_where_the_step_time_goes(tmp_path, tiny_dus):
+    import gzip
+
+    from dus_plugin.train.profile import category
+
+    cfg = load_train_config(make_config(tmp_path, tiny_dus, max_steps=4, profile={"start": 1, "steps": 2},
+                                        export=False, save_final=False, tensorboard=False))
+    train(cfg, quiet=True)
+    summary = json.loads((tmp_path / "run" / "profile.json").read_text())
+    cats = summary["categories"]
+    assert summary["steps"] == 2 and summary["step_ms"] > 0
+    assert 0.9 < sum(c["ms"] for c in cats.values()) / summary["step_ms"] < 1.1  # the step's time, accounted for
+    assert "optimizer" in cats and cats["optimizer"]["ms"] > 0  # AdamW's kernels are found by name
+    assert json.loads(gzip.open(tmp_path / "run" / "profile_trace.json.gz").read())["traceEvents"]
+    assert [category(k) for k in ("flash_fwd_kernel", "triton_per_fused__log_softmax_2", "sm90_xmma_gemm_bf16",
+                                  "triton_red_fused_mean_pow_rsqrt_1", "multi_tensor_apply_kernel",
+                                  "triton_poi_fused_add_mul_0")] == [
+        "attention", "loss", "GEMM", "norms", "optimizer", "elementwise and casts"]
+
+
+def test_fp8_refuses_a_machine_without_float8_tensor_cores(tmp_path, tiny_dus):
+    cfg = load_train_config(make_config(tmp_path, tiny_dus, max_steps=2, precision="fp8"))
+    with pytest.raises(TrainConfigError, match="precision fp8 needs a CUDA GPU"):
+        train(cfg, quiet=True)
+    assert not list((tmp_path / "run").glob("checkpoints/*"))
+    with pytest.raises(TrainConfigError, match="master_weights"):
+        load_train_config(make_config(tmp_path / "b", tiny_dus, max_steps=2, precision="fp8", master_weights="bf16",
+                                      optimizer={"name": "adamw8bit"}))

@@ -110,6 +110,12 @@ class EvalHookConfig(Strict):
     max_tokens: int = Field(20000, gt=0)
 
 
+class ProfileConfig(Strict):
+    start: int = Field(10, ge=0)
+    """First profiled step (after torch.compile's warm-up steps)."""
+    steps: int = Field(3, gt=0)
+
+
 class TrainConfig(Strict):
     model: str
     """Folder of the (upscaled) model to train."""
@@ -124,8 +130,11 @@ class TrainConfig(Strict):
     optimizer: OptimizerConfig
     schedule: ScheduleConfig = ScheduleConfig()
     grad_clip: Optional[float] = Field(1.0, gt=0)
-    precision: Literal["bf16", "fp32"] = "bf16"
-    """bf16: matmuls in bf16 autocast; fp32: everything in float32."""
+    precision: Literal["bf16", "fp32", "fp8"] = "bf16"
+    """bf16: matmuls in bf16 autocast; fp32: everything in float32; fp8: the decoder layers' linear layers in
+    float8 (torchao float8 training, CUDA compute capability 8.9+, extra [lowmem]), the rest as bf16."""
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """torchao's float8 scaling with precision fp8: one scale per tensor, or one per row."""
     master_weights: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the trained weights and their gradients. bf16 halves both; it needs optimizer.name: adamw8bit,
     whose stochastic rounding keeps updates smaller than a bf16 step."""
@@ -136,6 +145,8 @@ class TrainConfig(Strict):
     on CPU, the machine's RAM shared by the processes]."""
     activation_checkpointing: bool = False
     compile: bool = False
+    attention_backend: Literal["auto", "flash", "cudnn", "efficient"] = "auto"
+    """Which of PyTorch's SDPA kernels attention uses on a GPU [auto: PyTorch's choice, cuDNN on H100]."""
     fused_projections: bool = False
     """Train with q|k|v and gate|up fused into single GEMMs (Llama, Mistral, Qwen2/3); export is unfused."""
     seed: int = 0
@@ -153,8 +164,15 @@ class TrainConfig(Strict):
     seam: SeamConfig = SeamConfig()
     eval: EvalHookConfig = EvalHookConfig()
     tensorboard: bool = True
+    profile: Optional[ProfileConfig] = None
+    """Profile a few steps with torch.profiler: OUTPUT_DIR/profile.json says where the step's time goes."""
     export: bool = True
     """Write an HF folder (weights, tokenizer, manifest) to OUTPUT_DIR/final at the end."""
+
+    @property
+    def bf16_compute(self) -> bool:
+        """Matmuls outside float8 run in bf16 (precision bf16 or fp8)."""
+        return self.precision in ("bf16", "fp8")
 
     @model_validator(mode="after")
     def _length(self) -> "TrainConfig":
@@ -163,6 +181,8 @@ class TrainConfig(Strict):
         if self.master_weights == "bf16" and self.optimizer.name != "adamw8bit":
             raise ValueError("master_weights: bf16 needs optimizer.name: adamw8bit (stochastic rounding); plain "
                              "AdamW on bf16 weights rounds small updates away")
+        if self.precision == "fp8" and self.master_weights != "fp32":
+            raise ValueError("precision: fp8 keeps float32 master weights; set master_weights: fp32")
         if self.master_weights == "bf16" and self.precision == "fp32":
             raise ValueError("master_weights: bf16 computes in bf16; set precision: bf16 or master_weights: fp32")
         if self.global_batch_size % self.micro_batch_size:

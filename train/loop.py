@@ -19,6 +19,7 @@ from dus_plugin.train import checkpoint, memory
 from dus_plugin.train.config import TrainConfig
 from dus_plugin.train.data import PackedData
 from dus_plugin.train.metrics import MetricsLog, plot_loss
+from dus_plugin.train.profile import StepProfiler
 from dus_plugin.train.schedule import LRSchedule
 from dus_plugin.train.seam import freeze, param_groups, read_layout
 
@@ -60,7 +61,7 @@ def _accelerator(cfg: TrainConfig):
     # The Accelerator must be made first: a bare PartialState() would fix accelerate's shared state
     # without the launcher's ACCELERATE_USE_CPU, leaving every CPU process alone in its own world.
     # bf16 master weights compute in bf16 already; autocast is for float32 weights
-    autocast = cfg.precision == "bf16" and cfg.master_weights == "fp32"
+    autocast = cfg.bf16_compute and cfg.master_weights == "fp32"
     accelerator = Accelerator(mixed_precision="bf16" if autocast else "no")
     accelerator.gradient_accumulation_steps = cfg.grad_accum(accelerator.num_processes)
     return accelerator
@@ -88,6 +89,10 @@ def _load_model(cfg: TrainConfig, accelerator):
         from dus_plugin.train.fused import fuse_projections
 
         fuse_projections(model)
+    if cfg.precision == "fp8":
+        from dus_plugin.train.fp8 import to_float8
+
+        to_float8(model, cfg.fp8_recipe)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -136,6 +141,10 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
+    if cfg.precision == "fp8":  # before the Accelerator fixes this process's mixed precision
+        from dus_plugin.train.fp8 import require_float8
+
+        require_float8()
     accelerator = _accelerator(cfg)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
@@ -159,6 +168,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     if failed is not None:
         raise failed
     opt, sched = _optimizer(cfg, model, accelerator)
+    _attention_backend(cfg.attention_backend)
     if cfg.compile:
         model = torch.compile(model)
     model, opt = accelerator.prepare(model, opt)
@@ -186,9 +196,15 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     model.train()
     end = total if stop_after is None else min(total, stop_after)
     step = start
+    profiler = StepProfiler(out, cfg.profile.start, cfg.profile.steps, accelerator.device.type) \
+        if cfg.profile and accelerator.is_main_process else None
     try:
         for step in range(start, end):
+            if profiler:
+                profiler.step_begins(step)
             loss = _train_step(cfg, model, opt, data, accelerator, step, accum, world, rank)
+            if profiler and (written := profiler.step_done(step)):
+                LOG.info("profile of steps %d-%d: %s", cfg.profile.start, step, written)
             if not math.isfinite(loss):
                 good = checkpoint.latest(ckpt_root)
                 raise TrainingDiverged(
@@ -235,6 +251,18 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         (out / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
     accelerator.end_training()
     return result
+
+
+def _attention_backend(name: str) -> None:
+    """Leave only the chosen SDPA kernel enabled (process-wide, as torch.compile reads these flags when it traces)."""
+    import torch
+
+    if name == "auto":
+        return
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_math_sdp(True)  # the fallback for masks the fast kernels refuse (CPU, padding)
 
 
 def _peak_gpu_gb(accelerator) -> float | None:
@@ -359,6 +387,7 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
             from dus_plugin.train.fused import unfuse_state_dict
 
             state = unfuse_state_dict(state, unwrapped.config)
+        if cfg.fused_projections or cfg.precision == "fp8":  # a plain transformers model saves the plain names
             unwrapped = _fresh_model(cfg.model)
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -120,7 +120,7 @@ def frozen_in_file_dtype(cfg: TrainConfig) -> bool:
     import json
     from pathlib import Path
 
-    if cfg.train_only is None or cfg.master_weights != "fp32" or cfg.precision != "bf16":
+    if cfg.train_only is None or cfg.master_weights != "fp32" or not cfg.bf16_compute:
         return False
     config = json.loads((Path(cfg.model) / "config.json").read_text())
     return (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
@@ -153,7 +153,7 @@ def _per_token_layer(cfg: TrainConfig, shape: ModelShape) -> float:
     """Bytes one token leaves for backward in one decoder layer (pre-norm attention + gated MLP, bf16 autocast):
     norms keep their float32 input and output; every projection keeps its bf16 input; attention keeps q, k, v,
     the rotated q and k and its output; the gated MLP keeps gate, up, their activation and product."""
-    act = 2 if cfg.precision == "bf16" else 4
+    act = 2 if cfg.bf16_compute else 4
     residual = 4 if cfg.master_weights == "fp32" or cfg.precision == "fp32" else 2
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
     norms = 2 * 2 * residual * h
@@ -173,7 +173,7 @@ def _activations(cfg: TrainConfig, shape: ModelShape) -> float:
         kept = shape.layers * per_layer
     logits = tokens * shape.vocab * LOGIT_BYTES
     autocast_copies = 0.0
-    if cfg.master_weights == "fp32" and cfg.precision == "bf16":
+    if cfg.master_weights == "fp32" and cfg.bf16_compute:
         cast = shape.trainable if shape.frozen_bytes == 2 else shape.params  # bf16 weights need no copy
         autocast_copies = 2 * min(cast, shape.layer_params if cfg.activation_checkpointing else cast)
     return kept + logits + autocast_copies
