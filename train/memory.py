@@ -31,6 +31,11 @@ SHARDED = ("FSDP", "DEEPSPEED")
 LOGIT_BYTES = 8
 """Per token and vocabulary entry at the peak: bf16 logits and their float32 copy for the loss. Counting the
 log-softmax and its gradient as well (14) overestimated every GPU run by 0.4-0.8 GB (benchmarks/lowmem_parity.py)."""
+COMPILED_ACTIVATIONS = 0.75
+"""torch.compile's fused kernels keep less for backward than eager modules. At the 2.25B benchmark shape (48 layers,
+micro-batch 4, seq 2048, H100) the compiled step's activations measured 0.51x the eager estimate with one
+micro-batch per optimizer step and 0.68x with four accumulated (benchmarks/results/train_profile.json): 0.75 keeps
+the estimate above both (76.8 GB estimated, 62.5 and 71.5 GB measured)."""
 SMALL_TENSOR = 4096
 """torchao keeps plain float states for tensors with fewer values than this."""
 
@@ -170,7 +175,7 @@ def _activations(cfg: TrainConfig, shape: ModelShape) -> float:
     if cfg.activation_checkpointing:
         kept = shape.layers * tokens * shape.hidden * residual + per_layer
     else:
-        kept = shape.layers * per_layer
+        kept = shape.layers * per_layer * (COMPILED_ACTIVATIONS if cfg.compile else 1.0)
     logits = tokens * shape.vocab * LOGIT_BYTES
     autocast_copies = 0.0
     if cfg.master_weights == "fp32" and cfg.bf16_compute:
