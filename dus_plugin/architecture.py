@@ -405,7 +405,20 @@ def check_layers(base_config: Mapping[str, Any], out_config: Mapping[str, Any], 
                 f"output layer {i} copies base layer {s}, but its config would build it differently "
                 f"({first_difference(got, want)}); {type(base).__name__}'s config cannot express this layer map: "
                 "choose another drop or layer list")
+    _check_outside_layers(base, out, find_stack(base, n))
     _check_index_settings(base_config)
+
+
+def _check_outside_layers(base, out, stack: str) -> None:
+    """PlanError when a tensor outside the layer stack changes shape with the layer count (a packed per-layer
+    embedding, say): a DUS plan copies those tensors unchanged."""
+    want = {k: tuple(v.shape) for k, v in base.state_dict().items() if not k.startswith(f"{stack}.")}
+    got = {k: tuple(v.shape) for k, v in out.state_dict().items() if not k.startswith(f"{stack}.")}
+    for name in sorted(set(want) & set(got)):
+        if want[name] != got[name]:
+            raise PlanError(f"{name} is outside the layer stack but its shape follows the layer count ({list(want[name])} "
+                            f"for the base, {list(got[name])} for the output): it packs one slice per layer, which dus "
+                            f"does not regroup yet; {type(base).__name__} cannot be depth-upscaled here")
 
 
 def _check_index_settings(base_config: Mapping[str, Any]) -> None:

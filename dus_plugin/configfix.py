@@ -16,7 +16,7 @@ LOG = logging.getLogger(__name__)
 
 # Per-layer lists known in transformers configs; any other list of length n whose name
 # mentions "layer" is remapped too (and logged), since it can only be indexed by layer.
-PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sliding_window_layers")
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sliding_window_layers", "indexer_types")
 # Lists of layer *indices* (not per-layer values): remapped to the output indices they cover.
 LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "hybrid_layer_ids", "full_attn_layers", "linear_attn_layers",
                     "swa_layers", "global_attn_layers", "sliding_window_layers_idx")
@@ -29,6 +29,12 @@ def _sub_config(cfg: Any, layers_key: str) -> tuple[Any, str]:
     for part in path:
         obj = getattr(obj, part)
     return obj, last
+
+
+def _by_layer_index(value: Any, n: Any) -> bool:
+    """A non-empty mapping whose keys are all layer indices ("0" .. "n-1") and whose values are settings."""
+    return (isinstance(value, dict) and bool(value) and isinstance(n, int)
+            and all(isinstance(k, str) and k.isdigit() and int(k) < n and isinstance(v, dict) for k, v in value.items()))
 
 
 def remap_per_layer(cfg: Any, layer_map: Sequence[int], layers_key: str = "num_hidden_layers") -> list[str]:
@@ -44,6 +50,10 @@ def remap_per_layer(cfg: Any, layer_map: Sequence[int], layers_key: str = "num_h
     changed: list[str] = []
     updates: dict[str, Any] = {}
     for key, value in list(items):
+        if _by_layer_index(value, n):  # {"5": {...}}: settings of single layers, keyed by their index
+            updates[key] = {str(i): value[str(s)] for i, s in enumerate(layer_map) if str(s) in value}
+            changed.append(key)
+            continue
         if not isinstance(value, list):
             continue
         if key in LAYER_INDEX_KEYS:

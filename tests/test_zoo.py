@@ -31,14 +31,11 @@ REFUSED = {
     "xlstm": (None, "decoder layers"),
     "nemotron_h": (None, "num_hidden_layers"),
     "inkling2_text": (None, "checkpoint's tensors"),
-    "dots3_note_text": (None, "refuses the base's config"),
-    "gemma4_text": (None, "cannot build"),
-    "gemma4_unified_text": (None, "cannot build"),
-    "glm_moe_dsa": (None, "cannot build"),
-    "hy_v4": (None, "cannot build"),
+    "gemma4_text": (None, "packs one slice per layer"),
     "openai-gpt": ("identity", "post-LN"),
     "zaya": ("identity", "residual_scale"),
     "deepseek_v4": ("identity", "hc_attn_"),
+    "hy_v4": ("identity", "hc_attn_"),
     "longcat_flash": ("identity", "logits differ from the base's"),
 }
 # model_type -> why the zoo cannot build a tiny model of it here (the build must still fail: fix and move it).
