@@ -47,7 +47,6 @@ def patch_gguf(gguf_path: str | Path, model_dir: str | Path, quiet: bool = False
         keys[_pattern_key(rules)] = wanted
     if keys:
         _rewrite(reader, gguf_path, rules, keys, quiet)
-        _check_written(gguf_path, rules, keys)
     return PatchResult(gguf_path, keys, scale_mismatch(config))
 
 
@@ -136,17 +135,22 @@ def _rewrite(reader, path: Path, rules: ArchRules, keys: dict[str, Any], quiet: 
                 writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
                 bar.update(int(t.n_bytes))
         writer.close()
-        _check_copy(reader, tmp)
+        _check_copy(reader, tmp, rules, keys)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _check_copy(original, copy_path: Path) -> None:
-    """The copy holds the same tensors as the original: names, types, shapes and bytes."""
+def _check_copy(original, copy_path: Path, rules: ArchRules, keys: dict[str, Any]) -> None:
+    """The copy holds the same tensors as the original (names, types, shapes, bytes), and llama.cpp will read
+    the pattern that was written."""
     import numpy as np
 
     copy = _gguf_module().GGUFReader(copy_path)
+    wanted = keys.get(_pattern_key(rules))
+    if wanted is not None and _pattern_in(copy, rules) != wanted:
+        raise GgufPatchError(f"the patched copy of {copy_path.name[1:].split('.tmp-')[0]} reads back another "
+                             "sliding-window pattern; the original was left as it was")
     head = [(t.name, t.tensor_type, tuple(t.shape)) for t in original.tensors]
     if head != [(t.name, t.tensor_type, tuple(t.shape)) for t in copy.tensors] or not all(
             np.array_equal(a.data.view(np.uint8), b.data.view(np.uint8))
@@ -154,9 +158,3 @@ def _check_copy(original, copy_path: Path) -> None:
         raise GgufPatchError(f"the patched copy of {copy_path.name[1:].split('.tmp-')[0]} differs from it in its "
                              "tensors; the original was left as it was")
 
-
-def _check_written(path: Path, rules: ArchRules, keys: dict[str, Any]) -> None:
-    """Read the renamed file back: llama.cpp will see the pattern that was written."""
-    wanted = keys.get(_pattern_key(rules))
-    if wanted is not None and _pattern_in(_gguf_module().GGUFReader(path), rules) != wanted:
-        raise GgufPatchError(f"{path} was written, but reading it back gives another sliding-window pattern")

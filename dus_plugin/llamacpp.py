@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from dus_plugin.plan import text_config
 
@@ -70,13 +70,12 @@ def wanted_pattern(config: Mapping[str, Any]) -> list[bool] | None:
     return [t == "sliding_attention" for t in types]
 
 
-def pattern_fix(config: Mapping[str, Any]) -> list[bool] | None:
-    """The per-layer pattern a GGUF of this folder needs written in, or None when the loader's period rule already agrees."""
+def needs_pattern(config: Mapping[str, Any]) -> bool:
+    """True when a GGUF of this folder needs its per-layer pattern written in: the loader's period rule disagrees."""
     rules = rules_for(config)
     wanted = wanted_pattern(config)
-    if rules is None or rules.swa_period is None or wanted is None:
-        return None
-    return None if wanted == period_pattern(len(wanted), rules.swa_period) else wanted
+    return (rules is not None and rules.swa_period is not None and wanted is not None
+            and wanted != period_pattern(len(wanted), rules.swa_period))
 
 
 def scale_mismatch(config: Mapping[str, Any]) -> str | None:
@@ -133,17 +132,7 @@ def compat(config: Mapping[str, Any]) -> LlamaCppCompat:
     """llama.cpp compatibility of one output config.json dict."""
     if rules_for(config) is None:
         return LlamaCppCompat(checked=False)
-    return LlamaCppCompat(checked=True, needs_patch=pattern_fix(config) is not None, mismatch=scale_mismatch(config))
-
-
-def compat_for_overlaps(config_for: Callable[[int], Mapping[str, Any]], m: int, overlaps: Sequence[int]) -> LlamaCppCompat:
-    """compat() of the output at overlap ``m``, naming the other overlaps that would avoid each problem."""
-    found = compat(config_for(m))
-    if found.needs_patch or found.mismatch:
-        others = {k: compat(config_for(k)) for k in overlaps if k != m}
-        found.overlaps_without_patch = [k for k, c in others.items() if not c.needs_patch]
-        found.overlaps_without_mismatch = [k for k, c in others.items() if not c.mismatch]
-    return found
+    return LlamaCppCompat(checked=True, needs_patch=needs_pattern(config), mismatch=scale_mismatch(config))
 
 
 def _ranges(values: Sequence[int]) -> str:
@@ -164,15 +153,15 @@ def notes_for(base_config: Mapping[str, Any], layer_map: Sequence[int]) -> list[
     A difference the base itself already has in llama.cpp is not blamed on the upscale.
     """
     from dus_plugin.architecture import upscaled_config
-    from dus_plugin.plan import num_layers, solar_plan
+    from dus_plugin.plan import recognise, solar_plan
 
-    n = num_layers(base_config)
-    m = next((k for k in range(1, (n + 1) // 2) if list(layer_map) == solar_plan(base_config, k).layer_map), None)
-
-    def config_for(k: int) -> Mapping[str, Any]:
-        return upscaled_config(base_config, solar_plan(base_config, k).layer_map if k else layer_map, check=False)
-
-    found = compat_for_overlaps(config_for, m or 0, range(1, (n + 1) // 2) if m else ())
+    found = compat(upscaled_config(base_config, layer_map, check=False))
+    plan = recognise(base_config, layer_map)
+    if plan.layout == "solar" and (found.needs_patch or found.mismatch):
+        others = {k: compat(upscaled_config(base_config, solar_plan(base_config, k).layer_map, check=False))
+                  for k in range(1, (plan.n + 1) // 2) if k != plan.overlap}
+        found.overlaps_without_patch = [k for k, c in others.items() if not c.needs_patch]
+        found.overlaps_without_mismatch = [k for k, c in others.items() if not c.mismatch]
     base_mismatch = compat(base_config).mismatch
     if found.mismatch and base_mismatch:
         found.mismatch = None

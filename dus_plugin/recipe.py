@@ -186,11 +186,10 @@ def plan_slices(plan: DusPlan, method: str) -> list[PlannedSlice]:
     if method not in METHODS:
         raise RecipeError(f"`method` {method!r} is unknown; choose one of {', '.join(METHODS)}", setting="method")
     runs: list[PlannedSlice] = []
-    seen: set[int] = set()
-    for src in plan.layer_map:
-        zero = method != "solar" and src in seen
+    later = set(plan.duplicated_outputs) if method != "solar" else set()
+    for i, src in enumerate(plan.layer_map):
+        zero = i in later
         average = zero and method == "average" and src + 1 < plan.n
-        seen.add(src)
         last = runs[-1] if runs else None
         if last and last.layers.end == src and (last.zero, last.average) == (zero, average):
             runs[-1] = PlannedSlice(Slice(last.layers.start, src + 1), zero, average)

@@ -22,7 +22,7 @@ from dus_plugin.errors import BaseModelError, DusError, Interrupted, OutputExist
 from dus_plugin.io import parse_size
 from dus_plugin.validation import HubId
 from dus_plugin.manifest import Manifest, UpscaleStage
-from dus_plugin.plan import DusPlan, num_layers
+from dus_plugin.plan import num_layers, recognise
 from dus_plugin.recipe import AVERAGE_METHOD, Recipe, check_against_base, load_recipe
 from dus_plugin.architecture import LayerStack, layer_stack, upscaled_config
 from dus_plugin.llamacpp import notes_for as llama_cpp_notes
@@ -61,13 +61,6 @@ class UpscaleOptions(EngineOptions):
     forward: bool = True
     """Let verification load the result with transformers and run a forward pass."""
     quiet: bool = False
-
-
-def plan_of(recipe: Recipe, base_config: dict[str, Any]) -> DusPlan:
-    """The DusPlan a recipe describes, with its layout (solar, interpose, stack) recognised from the layer map."""
-    from dus_plugin.plan import recognise
-
-    return recognise(base_config, recipe.layer_map)
 
 
 def prepare_output(out: Path, overwrite: bool) -> None:
@@ -236,7 +229,7 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
 
     from dus_plugin.manifest import BaseRecord, LayersRecord, PlanRecord, ShardId, TensorRecord
 
-    plan = plan_of(recipe, base.config)
+    plan = recognise(base.config, recipe.layer_map)  # with its layout (solar, interpose, stack) named
     zeroed = recipe.zeroed_outputs()
     method = "average" if recipe.merge_method == AVERAGE_METHOD else "identity" if zeroed else "solar"
     return Manifest(

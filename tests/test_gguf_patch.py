@@ -247,3 +247,15 @@ def test_real_gemma_sizes_at_the_default_overlap(name: str, patch: bool, warned:
     notes = notes_for(base, solar_plan(base).layer_map)
     assert any("dus gguf-patch" in line for line in notes) == patch
     assert any(line.startswith("llama.cpp will compute") for line in notes) == warned
+
+
+def test_a_copy_with_another_pattern_is_caught_before_it_replaces_the_file(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = upscaled_gemma3(tmp_path, 26, 6)
+    path = write_gguf(tmp_path / "m.gguf", "gemma3", 40)
+    digest = sha(path)
+    original = gguf.GGUFWriter.add_array
+    monkeypatch.setattr(gguf.GGUFWriter, "add_array", lambda self, key, val: original(self, key, [not v for v in val]))
+    r = CliRunner().invoke(main, ["gguf-patch", str(path), str(folder)])
+    assert r.exit_code == 1 and "reads back another sliding-window pattern" in r.output
+    assert sha(path) == digest and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "model"]

@@ -93,7 +93,8 @@ def summarize(prof, wall_s: float, steps: int, device: str) -> dict[str, Any]:
     step_ms = wall_s * 1e3 / steps
     by_cat: dict[str, float] = {}
     for name, ms in per_kernel.items():
-        by_cat[category(name)] = by_cat.get(category(name), 0.0) + ms
+        cat = category(name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + ms
     busy = sum(by_cat.values())
     by_cat["idle (no kernel running)"] = max(step_ms - busy, 0.0)
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
