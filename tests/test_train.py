@@ -393,3 +393,57 @@ def test_fp8_refuses_a_machine_without_float8_tensor_cores(tmp_path, tiny_dus):
     with pytest.raises(TrainConfigError, match="master_weights"):
         load_train_config(make_config(tmp_path / "b", tiny_dus, max_steps=2, precision="fp8", master_weights="bf16",
                                       optimizer={"name": "adamw8bit"}))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_layer_compile_computes_the_same_and_leaves_the_causal_mask_to_sdpa(family, tiny_models):
+    """Compiled per layer, the mask is built eagerly: None where nothing needs it (Llama), so SDPA's causal kernel
+    runs; Gemma 3's sliding layers still get theirs. Logits and gradients match the eager model."""
+    from dus_plugin.train.compiled import compile_model, decoder_layers
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32, attn_implementation="sdpa")
+    masks = []
+    layers = decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers
+    layers[0].register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+    assert compile_model(model, "layers") is model
+    ids = torch.randint(3, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+    got, want = model(input_ids=ids, labels=ids, use_cache=False), ref(input_ids=ids, labels=ids, use_cache=False)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+    got.loss.backward(), want.loss.backward()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+    if family == "llama":
+        assert masks == [None]
+    assert list(model.state_dict()) == list(ref.state_dict())  # in place: the export's names do not change
+
+
+def test_layer_compile_refuses_a_model_without_named_layers():
+    from dus_plugin.train.compiled import compile_model
+
+    with pytest.raises(TrainConfigError, match="compile_scope"):
+        compile_model(torch.nn.Linear(2, 2), "layers")
+
+
+def test_compiled_training_matches_eager(tmp_path, tiny_dus):
+    eager = train(load_train_config(make_config(tmp_path / "e", tiny_dus, max_steps=4, save_every=0)), quiet=True)
+    compiled = train(load_train_config(make_config(tmp_path / "c", tiny_dus, max_steps=4, save_every=0,
+                                                   compile=True)), quiet=True)
+    assert abs(eager.loss - compiled.loss) < 1e-3
+    AutoModelForCausalLM.from_pretrained(compiled.export_dir)
+
+
+@pytest.mark.parametrize("flag,refused", [("False", False), ("0", False), ("true", True), ("1", True)])
+def test_fp8_reads_accelerate_use_cpu_as_a_flag(monkeypatch, flag, refused):
+    """accelerate launch exports ACCELERATE_USE_CPU=False on GPU launches; that must not refuse fp8 (it did)."""
+    from dus_plugin.train.fp8 import require_float8
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the H100 this check guards
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", flag)
+    if refused:
+        with pytest.raises(TrainConfigError, match="precision fp8"):
+            require_float8()
+    else:
+        require_float8()

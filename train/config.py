@@ -145,6 +145,10 @@ class TrainConfig(Strict):
     on CPU, the machine's RAM shared by the processes]."""
     activation_checkpointing: bool = False
     compile: bool = False
+    """torch.compile the training forward and backward."""
+    compile_scope: Literal["layers", "model"] = "layers"
+    """With compile: each decoder layer on its own (masks stay eager, so unpadded attention runs SDPA's causal
+    kernel; one compile serves the whole stack), or the whole model as one graph."""
     attention_backend: Literal["auto", "flash", "cudnn", "efficient"] = "auto"
     """Which of PyTorch's SDPA kernels attention uses on a GPU [auto: PyTorch's choice, cuDNN on H100]."""
     fused_projections: bool = False

@@ -9,7 +9,6 @@ its softmax is where float8's range would hurt most, and torchtitan leaves it ou
 from __future__ import annotations
 
 import logging
-import os
 
 from torch import nn
 
@@ -27,8 +26,10 @@ def _convertible(module: nn.Module, fqn: str) -> bool:
 def require_float8() -> None:
     """TrainConfigError unless this process will train on a GPU with float8 tensor cores."""
     import torch
+    from accelerate.utils import parse_flag_from_env
 
-    if os.environ.get("ACCELERATE_USE_CPU") or not torch.cuda.is_available() or \
+    # accelerate launch sets ACCELERATE_USE_CPU=False on GPU launches: read it as a flag, not as "set"
+    if parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available() or \
             torch.cuda.get_device_capability() < (8, 9):
         raise TrainConfigError("precision fp8 needs a CUDA GPU with float8 tensor cores (compute capability 8.9+: "
                                "H100, L40S, RTX 4090); use precision bf16 here", setting="precision")

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from dus_plugin.errors import CheckpointError, DusError, Interrupted, TrainConfigError, TrainingDiverged
 from dus_plugin.train import checkpoint, memory
+from dus_plugin.train.compiled import compile_model
 from dus_plugin.train.config import TrainConfig
 from dus_plugin.train.data import PackedData
 from dus_plugin.train.metrics import MetricsLog, plot_loss
@@ -170,7 +171,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     opt, sched = _optimizer(cfg, model, accelerator)
     _attention_backend(cfg.attention_backend)
     if cfg.compile:
-        model = torch.compile(model)
+        model = compile_model(model, cfg.compile_scope)
     model, opt = accelerator.prepare(model, opt)
     accelerator.register_for_checkpointing(sched)
 

@@ -31,11 +31,11 @@ SHARDED = ("FSDP", "DEEPSPEED")
 LOGIT_BYTES = 8
 """Per token and vocabulary entry at the peak: bf16 logits and their float32 copy for the loss. Counting the
 log-softmax and its gradient as well (14) overestimated every GPU run by 0.4-0.8 GB (benchmarks/lowmem_parity.py)."""
-COMPILED_ACTIVATIONS = 0.75
-"""torch.compile's fused kernels keep less for backward than eager modules. At the 2.25B benchmark shape (48 layers,
-micro-batch 4, seq 2048, H100) the compiled step's activations measured 0.51x the eager estimate with one
-micro-batch per optimizer step and 0.68x with four accumulated (benchmarks/results/train_profile.json): 0.75 keeps
-the estimate above both (76.8 GB estimated, 62.5 and 71.5 GB measured)."""
+COMPILED_ACTIVATIONS = 0.65
+"""torch.compile's fused kernels keep less for backward than eager modules. Measured on the H100 at the 2.25B
+benchmark shape (48 layers, seq 2048, four accumulated micro-batches; benchmarks/results/train_throughput.json):
+the layers kept 0.58x the eager estimate compiled per layer (micro-batch 4 and 5: 68.9 and 76.2 GB peak) and
+0.63x compiled as one graph (71.5 GB). 0.65 keeps the estimate above all three (72.2, 80.2 and 72.2 GB)."""
 SMALL_TENSOR = 4096
 """torchao keeps plain float states for tensors with fewer values than this."""
 
