@@ -16,7 +16,8 @@ LOG = logging.getLogger(__name__)
 
 # Per-layer lists known in transformers configs; any other list of length n whose name
 # mentions "layer" is remapped too (and logged), since it can only be indexed by layer.
-PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sliding_window_layers", "indexer_types")
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sliding_window_layers", "indexer_types",
+                  "intermediate_size", "activation_sparsity_pattern")  # the last two: Gemma 3n
 # Lists of layer *indices* (not per-layer values): remapped to the output indices they cover.
 LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "hybrid_layer_ids", "full_attn_layers", "linear_attn_layers",
                     "swa_layers", "global_attn_layers", "sliding_window_layers_idx")

@@ -39,10 +39,30 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # RWKV rescales each layer's output weights by 2^(depth // rescale_every) at inference: a copy at a new
     # depth computes the same up to rounding, not bit for bit; 0 turns the rescaling off
     "rwkv": dict(rescale_every=0),
+    # defaults sized for the real model: expert counts, linear-attention heads and per-layer lists shrunk to 8 layers
+    "kimi_linear": dict(num_experts_per_token=2, linear_head_dim=16, linear_num_heads=4, num_expert_group=1,
+                        mlp_layer_types=["dense"] + ["sparse"] * (LAYERS - 1)),
+    "bailing_hybrid": dict(num_experts_per_token=2, linear_head_dim=16, linear_num_heads=4, num_expert_group=1,
+                           first_k_dense_replace=1, mlp_layer_types=["dense"] + ["sparse"] * (LAYERS - 1),
+                           layer_group_size=4),
+    "cohere_compass_text": dict(layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * (LAYERS // 4),
+                                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                 "full_attention": None}),
+    "dbrx": dict(d_model=64, n_heads=4, max_seq_len=256, attn_config={"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 1e4},
+                 ffn_config={"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}),
+    "gemma3n_text": dict(num_kv_shared_layers=2, intermediate_size=[128] * LAYERS, activation_sparsity_pattern=[0.0] * LAYERS,
+                         hidden_size_per_layer_input=16, laurel_rank=8),
+    "lfm2_moe": dict(layer_types=["conv", "conv", "full_attention", "conv"] * (LAYERS // 4), num_dense_layers=2),
+    "qwen4_exp_text": dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                           linear_num_value_heads=4, hc_lowrank=8, ple_embed_dim=64, ngram_vocab_size_base=1024,
+                           split_ngram_parts=4, heads_per_ngram=2, indexer_n_heads=2, indexer_kv_heads=1,
+                           indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4),
 }
 for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
-           "minicpm3", "longcat_flash"):
+           "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid"):
     OVERRIDES.setdefault(_t, {})["num_key_value_heads"] = 4  # multi-head latent attention: as many KV heads as heads
+
+
 def causal_lm_types() -> dict[str, str]:
     """model_type -> causal-LM class name, as the installed transformers maps them."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -65,6 +85,8 @@ def tiny_config(model_type: str, vocab: int, layers: int = LAYERS):
     kw.update(OVERRIDES.get(model_type, {}))
     kw[getattr(cls, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")] = layers
     kw["vocab_size"] = vocab
+    if "vocab_size_per_layer_input" in defaults:  # Gemma 3n's per-layer embeddings: the same small vocabulary
+        kw["vocab_size_per_layer_input"] = vocab
     for key in ("layer_types", "layers_block_type", "hybrid_override_pattern"):
         if isinstance(defaults.get(key), list) and key not in kw and len(defaults[key]) != layers:
             kw[key] = [defaults[key][i % len(defaults[key])] for i in range(layers)]
