@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 from dus_plugin.errors import BaseModelError, PlanError
+from dus_plugin.plan import ParamCount
 
 LOG = logging.getLogger(__name__)
 
@@ -46,10 +47,14 @@ POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_numbe
 # Leaf names of projections that add into the residual stream, across the families of transformers.
 WRITER_LEAVES = frozenset({"o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "Wo",
                            "wo_b", "linear_out", "fc_out", "output_proj", "output_linear", "attention_out", "w_out",
-                           "o_proj_bias", "down_proj_bias"})
+                           "o_proj_bias", "down_proj_bias", "per_layer_projection"})
 # Tensor names that show a layer scaling or mixing the residual stream itself (learned residual scales,
 # hyper-connections): zeroing its output projections does not make such a layer the identity.
 RESIDUAL_MIXERS = ("residual_scale", "residual_bias", "hc_attn_", "hc_ffn_")
+# Config settings whose layers pass their input into the residual stream through no weight (LongCat-Flash's
+# zero-computation experts return the token they are routed): no zeroed projection silences them.
+PASS_THROUGH_SETTINGS = {"zero_expert_num": "its MoE routes tokens to zero-computation experts that return their "
+                                            "input (zero_expert_num), which no weight can silence"}
 # Families whose layers normalise the residual stream after adding to it (post-LayerNorm).
 POST_NORM = {"openai-gpt": "each layer applies LayerNorm to the residual stream after adding to it (post-LN)"}
 # Leaf names that are residual writers only inside an attention or recurrent-mixing block.
@@ -195,6 +200,32 @@ def find_stack(model: Any, n: int) -> str:
     return found[0]
 
 
+def param_count(config: Mapping[str, Any], layer_map: Sequence[int]) -> ParamCount:
+    """The base's parameters per layer and outside the layers, counted on the model transformers builds (on the
+    meta device; tied tensors once). A tensor packed one block per layer (found by building the output of
+    ``layer_map``, a map the plan has checked) counts a block in each layer."""
+    from dus_plugin.plan import num_layers
+
+    n = num_layers(config)
+    model = meta_model(config)
+    stack = find_stack(model, n)
+    packed = packed_blocks(model, meta_model(upscaled_config(config, layer_map, check=False)), stack)
+    homes: dict[int, set[int | None]] = {}  # where each tensor is used: a layer index, None outside the stack
+    for name, p in model.named_parameters(remove_duplicate=False):
+        head = name[len(stack) + 1:].partition(".")[0] if name.startswith(f"{stack}.") else ""
+        homes.setdefault(id(p), set()).add(int(head) if head.isdigit() else None)
+    layers, outside = [0] * n, 0
+    for name, p in model.named_parameters():  # a tensor tied or shared between layers (Zamba) counts once
+        home = homes[id(p)]
+        if len(home) == 1 and None not in home:
+            layers[next(iter(home))] += p.numel()
+        elif name in packed:
+            layers = [c + p.numel() // n for c in layers]
+        else:
+            outside += p.numel()
+    return ParamCount(outside, tuple(layers))
+
+
 def layer_stack(config: Mapping[str, Any], tensor_names: Iterable[str] | None = None) -> LayerStack:
     """The base's layer stack, checked against its checkpoint's tensor names when given."""
     from dus_plugin.plan import num_layers
@@ -230,14 +261,29 @@ def _is_writer(relative: str) -> bool:
     return leaf == "value" and parents[-1:] == ["feed_forward"]  # RWKV's channel mix
 
 
-def writer_filters(layer_names: Sequence[str]) -> list[str]:
+def shared_in_stack(config: Mapping[str, Any]) -> set[str]:
+    """Names of the stack's tensors that the model ties to another name (one module used by several layers)."""
+    from dus_plugin.plan import num_layers
+
+    model = meta_model(config)
+    stack = find_stack(model, num_layers(config)) + "."
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n for group in names.values() if len(group) > 1 for n in group if n.startswith(stack)}
+
+
+def writer_filters(layer_names: Sequence[str], shared: Iterable[str] = ()) -> list[str]:
     """Substring filters (mergekit's ``scale`` filter syntax) that select exactly the residual
     writers among one layer's tensor names (full names, e.g. ``model.layers.3.self_attn.o_proj.weight``).
 
     The shortest suffix of each writer's path that selects only writers is used, so Llama gets the
-    familiar ``o_proj`` / ``down_proj`` and Falcon ``self_attention.dense.``.
+    familiar ``o_proj`` / ``down_proj`` and Falcon ``self_attention.dense.``. ``shared``: tensors the model
+    ties across layers (Zamba's shared block); zeroing a copy would untie them, so no filter selects them.
     """
-    writers = [nm for nm in layer_names if _is_writer(_after_index(nm)) or _is_sequential_output(nm, layer_names)]
+    shared = set(shared)
+    writers = [nm for nm in layer_names if nm not in shared and
+               (_is_writer(_after_index(nm)) or _is_sequential_output(nm, layer_names))]
     parents = {nm.rsplit(".", 2)[0] for nm in writers}
     writers += [nm for nm in layer_names if nm.endswith(".bias") and nm not in writers
                 and any((p + ".").startswith(nm[:-len("bias")]) for p in parents)]  # a bias added after a writer (JetMoE)
@@ -410,15 +456,41 @@ def check_layers(base_config: Mapping[str, Any], out_config: Mapping[str, Any], 
 
 
 def _check_outside_layers(base, out, stack: str) -> None:
-    """PlanError when a tensor outside the layer stack changes shape with the layer count (a packed per-layer
-    embedding, say): a DUS plan copies those tensors unchanged."""
+    """PlanError when a tensor outside the layer stack changes shape with the layer count other than by packing
+    one equal block per layer along one dimension (which the streaming engine regroups by the layer map)."""
+    packed_blocks(base, out, stack)
+
+
+def packed_blocks(base, out, stack: str) -> dict[str, tuple[int, int]]:
+    """Tensors outside the stack that pack one block per layer: name -> (dimension, block size).
+
+    Gemma 4's per-layer embeddings are [vocab, n x 256] and their projection [n x 256, hidden]; layer i reads
+    block i, so an output layer must read its source layer's block."""
+    n = len(base.get_submodule(stack))
+    s = len(out.get_submodule(stack))
     want = {k: tuple(v.shape) for k, v in base.state_dict().items() if not k.startswith(f"{stack}.")}
     got = {k: tuple(v.shape) for k, v in out.state_dict().items() if not k.startswith(f"{stack}.")}
+    packed: dict[str, tuple[int, int]] = {}
     for name in sorted(set(want) & set(got)):
-        if want[name] != got[name]:
-            raise PlanError(f"{name} is outside the layer stack but its shape follows the layer count ({list(want[name])} "
-                            f"for the base, {list(got[name])} for the output): it packs one slice per layer, which dus "
-                            f"does not regroup yet; {type(base).__name__} cannot be depth-upscaled here")
+        if want[name] == got[name]:
+            continue
+        dims = [d for d, (a, b) in enumerate(zip(want[name], got[name])) if a != b]
+        d = dims[0] if len(dims) == 1 and len(want[name]) == len(got[name]) else None
+        if d is None or want[name][d] % n or got[name][d] != want[name][d] // n * s:
+            raise PlanError(f"{name} is outside the layer stack but its shape follows the layer count "
+                            f"({list(want[name])} for the base, {list(got[name])} for the output) in a way that is "
+                            f"not one block per layer; {type(base).__name__} cannot be depth-upscaled here")
+        packed[name] = (d, want[name][d] // n)
+    return packed
+
+
+def packed_per_layer(config: Mapping[str, Any], layer_map: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """``packed_blocks`` for a base config and a layer map (both models built on the meta device)."""
+    from dus_plugin.plan import num_layers
+
+    base = meta_model(config)
+    out = meta_model(upscaled_config(config, layer_map, check=False))
+    return packed_blocks(base, out, find_stack(base, num_layers(config)))
 
 
 def _check_index_settings(base_config: Mapping[str, Any]) -> None:

@@ -57,15 +57,24 @@ class Slice:
 
 @dataclass(frozen=True)
 class ParamCount:
-    """Parameters of a model: per decoder layer, outside the layers, and in total."""
+    """Parameters of a model: of each decoder layer, and outside the layers."""
 
-    per_layer: int
     outside_layers: int
-    layers: int
+    layer_params: tuple[int, ...]
+    """One count per layer, in order: MoE and dense layers of one model differ."""
+
+    @property
+    def layers(self) -> int:
+        return len(self.layer_params)
+
+    @property
+    def per_layer(self) -> int | None:
+        """The count of every layer when all layers are alike, else None."""
+        return self.layer_params[0] if len(set(self.layer_params)) == 1 else None
 
     @property
     def total(self) -> int:
-        return self.outside_layers + self.per_layer * self.layers
+        return self.outside_layers + sum(self.layer_params)
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,11 @@ class DusPlan:
         if self.params_before is None:
             return None
         p = self.params_before
-        return ParamCount(p.per_layer, p.outside_layers, self.s)
+        return ParamCount(p.outside_layers, tuple(p.layer_params[i] for i in self.layer_map))
+
+    def with_params(self, params: ParamCount | None) -> "DusPlan":
+        """The same plan with the base's parameters counted elsewhere (on the model itself); unchanged for None."""
+        return self if params is None else replace(self, params_before=params)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -250,10 +263,11 @@ def layer_list_plan(config: Mapping[str, Any], layers: Sequence[int]) -> DusPlan
 
 
 def count_params(config: Mapping[str, Any]) -> ParamCount | None:
-    """Parameter count of a Llama-like decoder from its config; None when a size is missing.
+    """Parameter count of a Llama-like decoder from its config alone; None when a size is missing.
 
-    Covers the families mergekit passthrough handles for DUS: Llama, Mistral, Qwen2/3
-    (qkv bias, q/k norms), Gemma 2/3 (four norms per layer), Phi-3 (fused, same count).
+    Covers Llama, Mistral, Qwen2/3 (qkv bias, q/k norms), Gemma 2/3 (four norms per layer), Phi-3 (fused, same
+    count): a first figure before transformers is asked. ``dus plan`` replaces it with the count of the model
+    built on the meta device (``architecture.param_count``), which holds for every family.
     """
     c = text_config(config)
     try:
@@ -276,7 +290,7 @@ def count_params(config: Mapping[str, Any]) -> ParamCount | None:
     embed = v * d
     tied = c.get("tie_word_embeddings", config.get("tie_word_embeddings", True))
     head = 0 if tied else v * d
-    return ParamCount(per_layer=attn + mlp + norms, outside_layers=embed + head + d, layers=n)
+    return ParamCount(outside_layers=embed + head + d, layer_params=(attn + mlp + norms,) * n)
 
 
 def format_layer_map(plan: DusPlan) -> str:

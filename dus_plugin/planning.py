@@ -56,7 +56,7 @@ class PlannedRecipe:
 
 def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     """Resolve the base, check that its family can be grown by this layer map, and build the recipe."""
-    from dus_plugin.architecture import layer_stack, upscaled_config
+    from dus_plugin.architecture import layer_stack, param_count, upscaled_config
     from dus_plugin.llamacpp import notes_for as llama_cpp_notes
     from dus_plugin.recipe import build_recipe
     from dus_plugin.source import mergekit_architectures, padded_vocab, resolve_base
@@ -70,6 +70,7 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     plan = layer_list_plan(base.config, parse_layers(options.layers)) if options.layers else \
         layout_plan(base.config, options.layout, options.drop, options.repeat)
     upscaled_config(base.config, plan.layer_map)
+    plan = plan.with_params(param_count(base.config, plan.layer_map))  # counted on the model itself: right for every family
     filters: tuple[str, ...] = ()
     if options.method in ("identity", "average"):
         filters = identity_filters(base, stack, names, options.method)
@@ -112,9 +113,11 @@ def base_tensor_names(base: BaseModel) -> list[str] | None:
 
 def identity_filters(base: BaseModel, stack, names: list[str] | None, method: str = "identity") -> tuple[str, ...]:
     """The residual writers of one layer, as mergekit scale filters."""
-    from dus_plugin.architecture import POST_NORM, RESIDUAL_MIXERS, writer_filters
+    from dus_plugin.architecture import (PASS_THROUGH_SETTINGS, POST_NORM, RESIDUAL_MIXERS, get_path, shared_in_stack,
+                                         writer_filters)
 
     why = POST_NORM.get(base.config.get("model_type", ""))
+    why = next((w for key, w in PASS_THROUGH_SETTINGS.items() if get_path(base.config, key)), why)
     mixers = sorted({m for n in names or () for m in RESIDUAL_MIXERS if stack.index(n) is not None and m in n})
     if mixers:
         why = f"its layers rescale or mix the residual stream themselves ({', '.join(mixers)} tensors)"
@@ -124,7 +127,7 @@ def identity_filters(base: BaseModel, stack, names: list[str] | None, method: st
     if names is None:
         raise BaseModelError(f"method {method} needs the base's tensor names, and {base.ref} has no readable "
                              "safetensors here or on the Hub; download the base and plan from its folder")
-    filters = writer_filters([n for n in names if stack.index(n) is not None])
+    filters = writer_filters([n for n in names if stack.index(n) is not None], shared_in_stack(base.config))
     if not filters:
         raise PlanError(f"method {method}: no tensor of {base.architecture}'s layers is known to write into the "
                         "residual stream, so no copy can be made an identity; use method solar")

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from dus_plugin.errors import UpscaleError
 from dus_plugin.recipe import Recipe
 from dus_plugin.architecture import LayerStack
-from dus_plugin.tensors import SourceTensor, read_header, transformed_bytes
+from dus_plugin.tensors import Regroup, SourceTensor, read_header, transformed_bytes
 
 LOG = logging.getLogger(__name__)
 CHUNK = 64 << 20
@@ -45,17 +45,23 @@ class OutTensor:
     zero: bool
     mean_with: SourceTensor | None = None
     """Method average: the tensor of the next base layer that this one is averaged with."""
+    regroup: Regroup | None = None
+    """A tensor outside the stack packed one block per layer: its blocks gathered by the layer map."""
+
+    @property
+    def shape(self) -> list[int]:
+        return self.regroup.shape(self.src.shape) if self.regroup else list(self.src.shape)
 
     @property
     def nbytes(self) -> int:
         n = 1
-        for d in self.src.shape:
+        for d in self.shape:
             n *= d
         return n * DTYPE_SIZES[self.dtype]
 
     @property
     def raw_copy(self) -> bool:
-        return not self.zero and self.mean_with is None and self.dtype == self.src.dtype
+        return not self.zero and self.mean_with is None and self.regroup is None and self.dtype == self.src.dtype
 
 
 def streamable(recipe: Recipe) -> str | None:
@@ -76,8 +82,11 @@ def streamable(recipe: Recipe) -> str | None:
     return None
 
 
-def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: LayerStack) -> list[OutTensor]:
-    """Every output tensor with its source byte range, in output order (non-layer tensors first)."""
+def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: LayerStack,
+                 packed: dict[str, tuple[int, int]] | None = None) -> list[OutTensor]:
+    """Every output tensor with its source byte range, in output order (non-layer tensors first).
+
+    ``packed``: tensors outside the stack with one block per layer, name -> (dimension, block size)."""
     from dus_plugin.tensors import weight_map
 
     sources: dict[str, SourceTensor] = {}
@@ -92,8 +101,10 @@ def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: L
         (outside.append(name) if i is None else layer_names.setdefault(i, []).append(name))
     out: list[OutTensor] = []
     target = TORCH_NAMES.get(out_dtype or "", None)
+    layers = tuple(recipe.layer_map)
     for name in outside:
-        out.append(OutTensor(name, sources[name], name, target or sources[name].dtype, False))
+        regroup = Regroup(*packed[name], layers) if packed and name in packed else None
+        out.append(OutTensor(name, sources[name], name, target or sources[name].dtype, False, regroup=regroup))
     for i, src_layer in enumerate(recipe.layer_map):
         for src_name in layer_names.get(src_layer, []):
             name = stack.rename(src_name, i)
@@ -130,7 +141,7 @@ def _header_bytes(tensors: list[OutTensor]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": t.src.shape, "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
@@ -189,7 +200,7 @@ def write_shard(path: Path, tensors: list[OutTensor], progress: Callable[[int], 
                 _copy_range(fd, out, t.src.start, offset, t.nbytes)
                 hashes[t.name] = hasher(t.src.file, t.src.start, t.nbytes)
             else:
-                data = transformed_bytes(t.src, t.src_name, t.dtype, t.zero, t.mean_with)
+                data = transformed_bytes(t.src, t.src_name, t.dtype, t.zero, t.mean_with, t.regroup)
                 os.pwrite(out, data, offset)
                 hashes[t.name] = hashlib.sha256(data).hexdigest()
             offset += t.nbytes
@@ -213,7 +224,10 @@ def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Pa
 
     from tqdm import tqdm
 
-    tensors = plan_tensors(recipe, base_dir, recipe.out_dtype or recipe.dtype, stack)
+    from dus_plugin.architecture import packed_per_layer
+
+    packed = packed_per_layer(base.config, recipe.layer_map)
+    tensors = plan_tensors(recipe, base_dir, recipe.out_dtype or recipe.dtype, stack, packed)
     shards = shard(tensors, shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])

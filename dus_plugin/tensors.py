@@ -7,6 +7,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from dus_plugin.errors import BaseModelError
 
@@ -117,14 +118,32 @@ def read_tensor(t: SourceTensor):
     return torch.frombuffer(buf, dtype=dtype).reshape(t.shape)
 
 
+@dataclass(frozen=True)
+class Regroup:
+    """A tensor outside the stack that packs one block per layer along ``dim``: output block i is source block
+    ``layers[i]`` (the layer map)."""
+
+    dim: int
+    block: int
+    layers: tuple[int, ...]
+
+    def shape(self, shape: Sequence[int]) -> list[int]:
+        out = list(shape)
+        out[self.dim] = self.block * len(self.layers)
+        return out
+
+
 def transformed_bytes(src: SourceTensor, name: str, dtype: str, zero: bool,
-                      mean_with: SourceTensor | None = None) -> bytes:
+                      mean_with: SourceTensor | None = None, regroup: Regroup | None = None) -> bytes:
     """A tensor cast to ``dtype`` (safetensors name) and/or zeroed, computed as mergekit computes it
     (``x.to(dtype) * 0.0``): the bytes both engines write and verify expects. With ``mean_with``, the
-    tensor is first the element-wise mean of the two, computed in float32 (method average)."""
+    tensor is first the element-wise mean of the two, computed in float32 (method average). With
+    ``regroup``, its per-layer blocks are first gathered by the layer map."""
     import torch
 
     x = read_tensor(src)
+    if regroup is not None:
+        x = torch.cat([x.narrow(regroup.dim, j * regroup.block, regroup.block) for j in regroup.layers], regroup.dim)
     if mean_with is not None:
         x = (x.float() + read_tensor(mean_with).float()) / 2
     x = x.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype])

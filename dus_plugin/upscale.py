@@ -24,7 +24,7 @@ from dus_plugin.validation import HubId
 from dus_plugin.manifest import Manifest, UpscaleStage
 from dus_plugin.plan import num_layers, recognise
 from dus_plugin.recipe import AVERAGE_METHOD, Recipe, check_against_base, load_recipe
-from dus_plugin.architecture import LayerStack, layer_stack, upscaled_config
+from dus_plugin.architecture import LayerStack, layer_stack, param_count, upscaled_config
 from dus_plugin.llamacpp import notes_for as llama_cpp_notes
 from dus_plugin.source import BaseModel, local_snapshot, resolve_base
 from dus_plugin.tensors import check_readable, header_sha256, read_header, weight_map
@@ -230,6 +230,7 @@ def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir:
     from dus_plugin.manifest import BaseRecord, LayersRecord, PlanRecord, ShardId, TensorRecord
 
     plan = recognise(base.config, recipe.layer_map)  # with its layout (solar, interpose, stack) named
+    plan = plan.with_params(param_count(base.config, plan.layer_map))
     zeroed = recipe.zeroed_outputs()
     method = "average" if recipe.merge_method == AVERAGE_METHOD else "identity" if zeroed else "solar"
     return Manifest(

@@ -17,7 +17,7 @@ from typing import Any
 
 from dus_plugin.errors import PlanError, VerifyError
 from dus_plugin.manifest import Manifest
-from dus_plugin.tensors import SourceTensor, read_tensor, tensor_headers, weight_map
+from dus_plugin.tensors import Regroup, SourceTensor, read_tensor, tensor_headers, weight_map
 
 LOG = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -47,6 +47,8 @@ class Expected:
     zero: bool
     mean_with: str | None = None
     """Method average: the base tensor of the next layer, averaged with ``source`` before zeroing."""
+    regroup: Regroup | None = None
+    """A tensor outside the stack packed one block per layer (Gemma 4's per-layer embeddings): blocks by the map."""
 
 
 def verify(folder: str | Path, base: str | Path | None = None, forward: bool = True,
@@ -129,7 +131,7 @@ def _base_dir(manifest: Manifest, base: str | Path | None) -> Path | None:
 def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: list[int],
                      method: str) -> dict[str, Expected]:
     """Every output tensor the plan implies, from the base's files and the model class."""
-    from dus_plugin.architecture import layer_stack, writer_filters
+    from dus_plugin.architecture import layer_stack, packed_per_layer, shared_in_stack, writer_filters
     from dus_plugin.plan import layer_list_plan, num_layers
 
     names = list(weight_map(base_dir))
@@ -139,8 +141,11 @@ def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: lis
     n_base = num_layers(base_config)
     if method in ("identity", "average"):
         zeroed = set(layer_list_plan(base_config, layer_map).duplicated_outputs)
-        filters = writer_filters([n for n in names if stack.index(n) is not None])
-    out: dict[str, Expected] = {n: Expected(n, False) for n in names if stack.index(n) is None}
+        filters = writer_filters([n for n in names if stack.index(n) is not None], shared_in_stack(base_config))
+    packed = packed_per_layer(base_config, layer_map)
+    out: dict[str, Expected] = {
+        n: Expected(n, False, regroup=Regroup(*packed[n], tuple(layer_map)) if n in packed else None)
+        for n in names if stack.index(n) is None}
     by_layer: dict[int, list[str]] = {}
     for n in names:
         if (i := stack.index(n)) is not None:
@@ -184,13 +189,15 @@ def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected, mean
     """sha256 of the output tensor's bytes; VerifyError at the first byte that differs from what its source implies."""
     from dus_plugin.tensors import transformed_bytes
 
-    if src.shape != t.shape:
-        raise VerifyError(f"tensor {name} has shape {t.shape}, its source {want.source} {src.shape}")
+    shape = want.regroup.shape(src.shape) if want.regroup else list(src.shape)
+    if shape != list(t.shape):
+        raise VerifyError(f"tensor {name} has shape {list(t.shape)}; its source {want.source} {list(src.shape)} "
+                          f"implies {shape}")
     if want.mean_with and (mean_with is None or mean_with.shape != t.shape):
         raise VerifyError(f"tensor {name} should be the mean of {want.source} and {want.mean_with}, and the base's "
                           f"{want.mean_with} is missing or has another shape")
-    raw = not want.zero and want.mean_with is None and src.dtype == t.dtype
-    expected = None if raw else transformed_bytes(src, want.source, t.dtype, want.zero, mean_with)
+    raw = not want.zero and want.mean_with is None and want.regroup is None and src.dtype == t.dtype
+    expected = None if raw else transformed_bytes(src, want.source, t.dtype, want.zero, mean_with, want.regroup)
     h = hashlib.sha256()
     fd = os.open(t.file, os.O_RDONLY)
     sfd = os.open(src.file, os.O_RDONLY) if raw else None
@@ -203,6 +210,7 @@ def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected, mean
             ref = os.pread(sfd, n, src.start + done) if sfd is not None else expected[done:done + n]
             if chunk != ref:
                 what = (f"mean of {want.source} and {want.mean_with}" if want.mean_with else
+                        f"copy of {want.source} with its per-layer blocks in layer-map order" if want.regroup else
                         f"zeroed copy of {want.source}" if want.zero else f"copy of {want.source}")
                 raise VerifyError(f"tensor {name} is not the {what} that the plan implies "
                                   f"(in {t.file.name}, from byte {done} of the tensor)")

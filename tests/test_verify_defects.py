@@ -97,3 +97,29 @@ def test_manifest_rewrite_cannot_hide_a_wrong_source(upscaled):
     man["tensors"]["model.layers.6.self_attn.q_proj.weight"]["source"] = "model.layers.3.self_attn.q_proj.weight"
     (out / "dus_manifest.json").write_text(json.dumps(man))
     assert dus("verify", out, "-q", "--no-forward").exit_code == 0  # the bytes are right: the manifest does not decide
+
+
+def test_per_layer_embeddings_regrouped_by_index_fail(tmp_path):
+    """Gemma 4's per-layer embeddings pack one block per layer: the output's blocks follow the layer map. A
+    tensor whose blocks follow the output index instead (block i from base block i mod n) has the right shape and
+    loads; verify must name it."""
+    import torch
+
+    from dus_plugin import zoo
+    from dus_plugin.fixtures import make_tokenizer
+
+    base = zoo.make_zoo_model("gemma4_text", tmp_path / "base", make_tokenizer())
+    assert dus("plan", base, "--drop", 2, "-o", tmp_path / "r.yml").exit_code == 0
+    assert dus("upscale", tmp_path / "r.yml", tmp_path / "out", "-q").exit_code == 0
+    name = "model.embed_tokens_per_layer.weight"
+    src = load_file(base / "model.safetensors")[name]
+    block = src.shape[1] // 8
+    layer_map = [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]
+    right = torch.cat([src[:, j * block:(j + 1) * block] for j in layer_map], 1)
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")[name], right)
+
+    def by_index(t):
+        t[name] = torch.cat([src[:, (i % 8) * block:(i % 8 + 1) * block] for i in range(12)], 1)
+
+    _rewrite(tmp_path / "out", by_index)
+    assert_one_line_error(dus("verify", tmp_path / "out", "-q", "--no-forward"), name, "per-layer blocks")

@@ -26,12 +26,20 @@ def logits(model, ids=IDS):
         return model(input_ids=ids, use_cache=False).logits
 
 
-def stacked_reference(base, out_config, prefix: str, layer_map: list[int]):
+def stacked_reference(base, out_config, prefix: str, layer_map: list[int], out=None):
     """The base's own layer modules, stacked by the layer map, under the upscaled config: each copy
-    keeps the module its source layer was built as; its position attributes follow its new index."""
+    keeps the module its source layer was built as; its position attributes follow its new index.
+    A tensor outside the stack that packs one block per layer (shaped otherwise in ``out``) gets its blocks
+    by the map."""
     ref = copy.deepcopy(base)
     path = prefix.rstrip(".")
     layers = ref.get_submodule(path)
+    for name, p in ref.named_parameters():
+        shape = out.get_parameter(name).shape if out is not None and not name.startswith(prefix) else p.shape
+        if shape != p.shape:
+            dim = next(d for d in range(p.dim()) if shape[d] != p.shape[d])
+            block = p.shape[dim] // len(layers)
+            p.data = torch.cat([p.data.narrow(dim, s * block, block) for s in layer_map], dim)
     new = torch.nn.ModuleList([copy.deepcopy(layers[s]) for s in layer_map])
     for i, layer in enumerate(new):
         for mod in layer.modules():
@@ -68,8 +76,13 @@ def tensors_follow_map(out: Path, base: Path, prefix: str, layer_map: list[int],
         f"{prefix}{i}.{n[len(prefix):].partition('.')[2]}" for i, s in enumerate(layer_map)
         for n in src if n.startswith(f"{prefix}{s}.")}
     assert set(got) == expected, sorted(set(got) ^ expected)[:5]
+    n = 1 + max(int(k[len(prefix):].partition(".")[0]) for k in src if k.startswith(prefix))
     for name, t in got.items():
         want = src[source(name)]
+        if t.shape != want.shape and not name.startswith(prefix):  # one block per layer (Gemma 4): by the map
+            dim = next(d for d in range(t.dim()) if t.shape[d] != want.shape[d])
+            block = want.shape[dim] // n
+            want = torch.cat([want.narrow(dim, s * block, block) for s in layer_map], dim)
         if name in zeroed:
             assert torch.count_nonzero(t) == 0, name
         else:
