@@ -202,28 +202,34 @@ def find_stack(model: Any, n: int) -> str:
 
 def param_count(config: Mapping[str, Any], layer_map: Sequence[int]) -> ParamCount:
     """The base's parameters per layer and outside the layers, counted on the model transformers builds (on the
-    meta device; tied tensors once). A tensor packed one block per layer (found by building the output of
-    ``layer_map``, a map the plan has checked) counts a block in each layer."""
+    meta device). A tensor tied or shared between layers (Zamba's shared block) counts once, outside the layers;
+    a tensor packed with one block per layer (found by building the output of ``layer_map``, a map the plan has
+    checked) counts a block in each layer."""
     from dus_plugin.plan import num_layers
 
     n = num_layers(config)
     model = meta_model(config)
-    stack = find_stack(model, n)
-    packed = packed_blocks(model, meta_model(upscaled_config(config, layer_map, check=False)), stack)
-    homes: dict[int, set[int | None]] = {}  # where each tensor is used: a layer index, None outside the stack
-    for name, p in model.named_parameters(remove_duplicate=False):
-        head = name[len(stack) + 1:].partition(".")[0] if name.startswith(f"{stack}.") else ""
-        homes.setdefault(id(p), set()).add(int(head) if head.isdigit() else None)
+    path = find_stack(model, n)
+    stack = LayerStack(path + ".", count_key(config))
+    packed = _grown_blocks(model, path, config, layer_map)
     layers, outside = [0] * n, 0
-    for name, p in model.named_parameters():  # a tensor tied or shared between layers (Zamba) counts once
-        home = homes[id(p)]
-        if len(home) == 1 and None not in home:
-            layers[next(iter(home))] += p.numel()
-        elif name in packed:
+    for p, names in _names_by_tensor(model):
+        homes = {stack.index(name) for name in names}
+        if len(homes) == 1 and None not in homes:
+            layers[homes.pop()] += p.numel()
+        elif names[0] in packed:
             layers = [c + p.numel() // n for c in layers]
         else:
             outside += p.numel()
     return ParamCount(outside, tuple(layers))
+
+
+def _names_by_tensor(model: Any) -> list[tuple[Any, list[str]]]:
+    """Every parameter with all its names in the module tree: several where a tensor is tied or shared."""
+    found: dict[int, tuple[Any, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        found.setdefault(id(p), (p, []))[1].append(name)
+    return list(found.values())
 
 
 def layer_stack(config: Mapping[str, Any], tensor_names: Iterable[str] | None = None) -> LayerStack:
@@ -267,10 +273,7 @@ def shared_in_stack(config: Mapping[str, Any]) -> set[str]:
 
     model = meta_model(config)
     stack = find_stack(model, num_layers(config)) + "."
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {n for group in names.values() if len(group) > 1 for n in group if n.startswith(stack)}
+    return {n for _, names in _names_by_tensor(model) if len(names) > 1 for n in names if n.startswith(stack)}
 
 
 def writer_filters(layer_names: Sequence[str], shared: Iterable[str] = ()) -> list[str]:
@@ -451,14 +454,8 @@ def check_layers(base_config: Mapping[str, Any], out_config: Mapping[str, Any], 
                 f"output layer {i} copies base layer {s}, but its config would build it differently "
                 f"({first_difference(got, want)}); {type(base).__name__}'s config cannot express this layer map: "
                 "choose another drop or layer list")
-    _check_outside_layers(base, out, find_stack(base, n))
+    packed_blocks(base, out, find_stack(base, n))  # refuses a shape change outside the stack it cannot regroup
     _check_index_settings(base_config)
-
-
-def _check_outside_layers(base, out, stack: str) -> None:
-    """PlanError when a tensor outside the layer stack changes shape with the layer count other than by packing
-    one equal block per layer along one dimension (which the streaming engine regroups by the layer map)."""
-    packed_blocks(base, out, stack)
 
 
 def packed_blocks(base, out, stack: str) -> dict[str, tuple[int, int]]:
@@ -489,8 +486,13 @@ def packed_per_layer(config: Mapping[str, Any], layer_map: Sequence[int]) -> dic
     from dus_plugin.plan import num_layers
 
     base = meta_model(config)
-    out = meta_model(upscaled_config(config, layer_map, check=False))
-    return packed_blocks(base, out, find_stack(base, num_layers(config)))
+    return _grown_blocks(base, find_stack(base, num_layers(config)), config, layer_map)
+
+
+def _grown_blocks(base: Any, stack: str, config: Mapping[str, Any],
+                  layer_map: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """``packed_blocks`` of ``base`` (built from ``config``, its stack at ``stack``) against the output it grows to."""
+    return packed_blocks(base, meta_model(upscaled_config(config, layer_map, check=False)), stack)
 
 
 def _check_index_settings(base_config: Mapping[str, Any]) -> None:

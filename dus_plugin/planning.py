@@ -70,7 +70,7 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     plan = layer_list_plan(base.config, parse_layers(options.layers)) if options.layers else \
         layout_plan(base.config, options.layout, options.drop, options.repeat)
     upscaled_config(base.config, plan.layer_map)
-    plan = plan.with_params(param_count(base.config, plan.layer_map))  # counted on the model itself: right for every family
+    plan = plan.with_params(param_count(base.config, plan.layer_map))  # counted on the model: any family
     filters: tuple[str, ...] = ()
     if options.method in ("identity", "average"):
         filters = identity_filters(base, stack, names, options.method)

@@ -83,7 +83,7 @@ def streamable(recipe: Recipe) -> str | None:
 
 
 def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: LayerStack,
-                 packed: dict[str, tuple[int, int]] | None = None) -> list[OutTensor]:
+                 packed: dict[str, tuple[int, int]]) -> list[OutTensor]:
     """Every output tensor with its source byte range, in output order (non-layer tensors first).
 
     ``packed``: tensors outside the stack with one block per layer, name -> (dimension, block size)."""
@@ -103,7 +103,7 @@ def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: L
     target = TORCH_NAMES.get(out_dtype or "", None)
     layers = tuple(recipe.layer_map)
     for name in outside:
-        regroup = Regroup(*packed[name], layers) if packed and name in packed else None
+        regroup = Regroup(*packed[name], layers) if name in packed else None
         out.append(OutTensor(name, sources[name], name, target or sources[name].dtype, False, regroup=regroup))
     for i, src_layer in enumerate(recipe.layer_map):
         for src_name in layer_names.get(src_layer, []):

@@ -26,6 +26,14 @@ def logits(model, ids=IDS):
         return model(input_ids=ids, use_cache=False).logits
 
 
+def blocks_by_map(t, shape, n: int, layer_map: list[int]):
+    """A tensor that packs one block per base layer (of n) along the dimension where ``shape`` differs, with its
+    blocks taken in layer-map order."""
+    dim = next(d for d in range(t.dim()) if shape[d] != t.shape[d])
+    block = t.shape[dim] // n
+    return torch.cat([t.narrow(dim, s * block, block) for s in layer_map], dim)
+
+
 def stacked_reference(base, out_config, prefix: str, layer_map: list[int], out=None):
     """The base's own layer modules, stacked by the layer map, under the upscaled config: each copy
     keeps the module its source layer was built as; its position attributes follow its new index.
@@ -37,9 +45,7 @@ def stacked_reference(base, out_config, prefix: str, layer_map: list[int], out=N
     for name, p in ref.named_parameters():
         shape = out.get_parameter(name).shape if out is not None and not name.startswith(prefix) else p.shape
         if shape != p.shape:
-            dim = next(d for d in range(p.dim()) if shape[d] != p.shape[d])
-            block = p.shape[dim] // len(layers)
-            p.data = torch.cat([p.data.narrow(dim, s * block, block) for s in layer_map], dim)
+            p.data = blocks_by_map(p.data, shape, len(layers), layer_map)
     new = torch.nn.ModuleList([copy.deepcopy(layers[s]) for s in layer_map])
     for i, layer in enumerate(new):
         for mod in layer.modules():
@@ -80,9 +86,7 @@ def tensors_follow_map(out: Path, base: Path, prefix: str, layer_map: list[int],
     for name, t in got.items():
         want = src[source(name)]
         if t.shape != want.shape and not name.startswith(prefix):  # one block per layer (Gemma 4): by the map
-            dim = next(d for d in range(t.dim()) if t.shape[d] != want.shape[d])
-            block = want.shape[dim] // n
-            want = torch.cat([want.narrow(dim, s * block, block) for s in layer_map], dim)
+            want = blocks_by_map(want, t.shape, n, layer_map)
         if name in zeroed:
             assert torch.count_nonzero(t) == 0, name
         else:

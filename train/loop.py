@@ -138,7 +138,6 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     Interrupted, whose message says what is on disk and how to continue. ``echo``: where the memory estimate
     is shown before the model loads [default: the log].
     """
-    import torch
     from accelerate.utils import set_seed
     from tqdm import tqdm
 
