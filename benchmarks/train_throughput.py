@@ -26,6 +26,10 @@ SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, n
              vocab_size=32000, num_hidden_layers=48, max_position_embeddings=4096)
 # real text for the loss comparison of two precisions (stdlib docstrings, shipped with the quickstart)
 PARITY_TEXT = Path(__file__).resolve().parents[1] / "dus_plugin" / "quickstart_data" / "train.txt"
+# Llama 3 8B's layer (hidden 4096, intermediate 14336, 8 KV heads) at 12 layers, so that fp32 master weights and AdamW
+# fit one 80 GB GPU: where float8 stands at the hidden size of torchtitan's 1.28x
+WIDE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+            vocab_size=32000, num_hidden_layers=12, max_position_embeddings=4096)
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, num_hidden_layers=4, max_position_embeddings=256)
 
@@ -78,9 +82,12 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
          parity: bool = False) -> dict:
     """The real trainer (dus_plugin.train) on packed text; rate of the last logging window.
 
-    Flags: compile (each decoder layer; with wholemodel: the whole model as one graph), fused, ac, gaN (global batch = N micro-batches), fp8 / fp8row (precision fp8, tensorwise /
-    rowwise scaling), flash / cudnn / efficient (the SDPA kernel), profile (torch.profiler over 3 steps near the end). ``parity``: a real LR schedule and a
-    validation loss at the end, for comparing the loss of two precisions on the same text and seed."""
+    Flags: compile (each decoder layer; with wholemodel: the whole model as one graph), fused, ac, gaN (global batch
+    = N micro-batches), fp8 / fp8row (precision fp8, tensorwise / rowwise scaling), flash / cudnn / efficient (the
+    SDPA kernel), profile (torch.profiler over 3 steps near the end), keep (export the trained model to WORK/final),
+    fromtrained (start from the model a keep variant trained), seedN (the data order and seed; default 0).
+    ``parity``: a real LR schedule and a validation loss at the end, for comparing the loss of two precisions on the
+    same text and seed."""
     from dus_plugin.train.config import TrainConfig
     from dus_plugin.train.loop import train
 
@@ -89,7 +96,8 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
     cfg = TrainConfig.model_validate({
         "model": str(folder), "output_dir": str(work),
         "data": {"sources": [{"path": str(data)}], "seq_len": seq, "val_fraction": 0.05 if parity else 0.0},
-        "micro_batch_size": micro, "global_batch_size": micro * accum, "max_steps": steps, "seed": 0,
+        "micro_batch_size": micro, "global_batch_size": micro * accum, "max_steps": steps,
+        "seed": next((int(f[4:]) for f in flags if f.startswith("seed")), 0),
         "optimizer": {"lr": 3e-4 if parity else 1e-5},
         "schedule": {"kind": "cosine", "warmup_steps": 20 if parity else 0},
         "precision": precision, "fp8_recipe": "rowwise" if "fp8row" in flags else "tensorwise",
@@ -98,7 +106,7 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
         "attention_backend": next((f for f in ("flash", "cudnn", "efficient") if f in flags), "auto"),
         "log_every": steps // 2 if not parity else 10, "eval_every": 0, "val_batches": 16,
         "profile": {"start": max(steps - 5, 1), "steps": 3} if "profile" in flags else None,
-        "save_every": 0, "save_final": False, "export": False, "tensorboard": False,
+        "save_every": 0, "save_final": False, "export": "keep" in flags, "tensorboard": False,
         # the planner's eager estimate (88 GB at micro-batch 4) would refuse the eager variants that measure 77 GB;
         # this benchmark records the measured peaks
         "memory_limit_gb": 1000,
@@ -131,14 +139,18 @@ def _mem(dev: str) -> dict:
 
 def _child(args: argparse.Namespace) -> None:
     if args.variant == "build":  # in a child, so the parent holds no GPU memory
-        print("RESULT " + json.dumps({"params": build_model(Path(args.model_dir), TINY if args.tiny else SHAPE)}))
+        print("RESULT " + json.dumps({"params": build_model(Path(args.model_dir), _shape(args))}))
         return
     folder, flags = Path(args.model_dir), set(args.variant.split("+"))
     micro = next((int(f[2:]) for f in flags if f.startswith("mb")), args.micro)
+    # "keep" leaves its trained model where "fromtrained" variants start: continued training, as after an upscale
+    trained = folder.parent / "trained"
+    if "fromtrained" in flags:
+        folder = trained / "final"
     if "baseline" in flags:
         res = baseline(folder, args.seq, micro, args.steps)
     else:
-        work = Path(tempfile.mkdtemp())
+        work = trained if "keep" in flags else Path(tempfile.mkdtemp())
         parity = "parity" in flags
         try:
             res = ours(folder, args.seq, micro, args.parity_steps if parity else args.steps, flags,
@@ -146,7 +158,8 @@ def _child(args: argparse.Namespace) -> None:
         finally:
             import shutil
 
-            shutil.rmtree(work, ignore_errors=True)
+            if "keep" not in flags:
+                shutil.rmtree(work, ignore_errors=True)
     res["micro_batch"] = micro
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -154,6 +167,7 @@ def _child(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run at a tiny shape")
+    ap.add_argument("--wide", action="store_true", help="12 layers of hidden 4096 instead of the DUS shape")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--steps", type=int, default=30)
@@ -162,6 +176,9 @@ def main() -> None:
                          "ac (activation checkpointing), mbN (micro-batch)")
     ap.add_argument("--parity-steps", type=int, default=200, help="steps of each 'parity' variant")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--work", default=None,
+                    help="keep the model and the results here: a later call with the same --work and --out runs only "
+                         "the variants not yet measured, on the same model (one run split over several calls)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -169,18 +186,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return _child(args)
-    shape = TINY if args.tiny else SHAPE
+    shape = _shape(args)
     if args.tiny:
         args.seq, args.steps = 64, 6
-    work = Path(tempfile.mkdtemp())
-    params = _run_child(args, "build", work, None)["params"]
-    data = work / "text.txt"
-    from dus_plugin.fixtures import tiny_corpus
-
-    data.write_text("\n\n".join(tiny_corpus(3000, seed=1)))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp())
+    params, data = _prepare(args, work)
     fpt = flops_per_token(params, shape["num_hidden_layers"], shape["hidden_size"], args.seq)
-    results = {}
+    results = _earlier_results(args)
     for variant in args.variants.split(","):
+        if "tok_s" in results.get(variant, {}):
+            print(variant, "measured earlier in this run", flush=True)
+            continue
         r = _run_child(args, variant, work, data)
         if "tok_s" in r:
             r["mfu"] = r["tok_s"] * fpt / H100_BF16_PEAK
@@ -191,11 +207,37 @@ def main() -> None:
     _write(args, results, params, shape, final=True)
 
 
+def _shape(args: argparse.Namespace) -> dict:
+    return TINY if args.tiny else WIDE if args.wide else SHAPE
+
+
+def _prepare(args: argparse.Namespace, work: Path) -> tuple[int, Path]:
+    """The random model and the synthetic text, built once per --work folder."""
+    from dus_plugin.fixtures import tiny_corpus
+
+    built = work / "params.json"
+    if not built.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        params = _run_child(args, "build", work, None)["params"]
+        built.write_text(json.dumps(params))
+    data = work / "text.txt"
+    if not data.is_file():
+        data.write_text("\n\n".join(tiny_corpus(3000, seed=1)))
+    return json.loads(built.read_text()), data
+
+
+def _earlier_results(args: argparse.Namespace) -> dict:
+    if not (args.work and args.out and Path(args.out).is_file()):
+        return {}
+    return json.loads(Path(args.out).read_text()).get("variants", {})
+
+
 def _run_child(args: argparse.Namespace, variant: str, work: Path, data: Path | None) -> dict:
     cmd = [sys.executable, __file__, "--child", "--variant", variant, "--model-dir", str(work / "model"),
            "--data", str(data), "--seq", str(args.seq), "--micro", str(args.micro), "--steps", str(args.steps),
            "--parity-steps", str(args.parity_steps)]
-    proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
+    proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []) + (["--wide"] if args.wide else []),
+                          capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     return json.loads(line[7:]) if line else {"error": proc.stderr[-1500:]}
 
@@ -207,11 +249,15 @@ def _write(args: argparse.Namespace, results: dict, params: int, shape: dict, fi
     best = max(bf16.values(), key=lambda v: v["tok_s"], default={})
     best_fp8 = max(fp8.values(), key=lambda v: v["tok_s"], default={})
     base = results.get("baseline", {})
-    parity = {("fp8" if "fp8" in k else "bf16"): v for k, v in results.items() if "parity" in k and "val_loss" in v}
+    parity = {(("fp8" if "fp8" in k else "bf16"), "fromtrained" in k): v
+              for k, v in results.items() if "parity" in k and "val_loss" in v}
+    # the pair from a trained model is what continued pretraining does; the random-init pair is kept beside it
+    start = "fromtrained" if any(trained for _, trained in parity) else "random init"
+    pair = {prec: v for (prec, trained), v in parity.items() if trained == (start == "fromtrained")}
     report = {
         "tok_s": best.get("tok_s"), "mfu": best.get("mfu"),
         "baseline_tok_s": base.get("tok_s"), "baseline_mfu": base.get("mfu"),
-        "params": params, "seq": args.seq, "micro_batch": best.get("micro_batch", args.micro),
+        "params": params, "shape": shape, "seq": args.seq, "micro_batch": best.get("micro_batch", args.micro),
         "best_variant": next((k for k, v in bf16.items() if v is best), None), "variants": results,
         "device": _device_name(), "date": dt.date.today().isoformat(),
     }
@@ -219,8 +265,10 @@ def _write(args: argparse.Namespace, results: dict, params: int, shape: dict, fi
         report["fp8"] = {"tok_s": best_fp8.get("tok_s"), "variant": next((k for k, v in fp8.items() if v is best_fp8), None),
                          "bf16_tok_s": best.get("tok_s"),
                          "speedup": best_fp8["tok_s"] / best["tok_s"] if best_fp8 and best else None,
-                         "loss": parity.get("fp8", {}).get("val_loss"), "bf16_loss": parity.get("bf16", {}).get("val_loss"),
-                         "steps": parity.get("fp8", {}).get("steps")}
+                         "loss": pair.get("fp8", {}).get("val_loss"), "bf16_loss": pair.get("bf16", {}).get("val_loss"),
+                         "steps": pair.get("fp8", {}).get("steps"), "loss_from": start,
+                         "loss_pairs": {("from a trained model" if trained else "from random init") + f" ({prec})":
+                                        v.get("val_loss") for (prec, trained), v in sorted(parity.items())}}
     if final:
         print(json.dumps({k: v for k, v in report.items() if k != "variants"}, indent=2))
     if args.out:

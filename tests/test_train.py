@@ -383,6 +383,12 @@ def test_profile_says_where_the_step_time_goes(tmp_path, tiny_dus):
                                   "triton_red_fused_mean_pow_rsqrt_1", "multi_tensor_apply_kernel",
                                   "triton_poi_fused_add_mul_0")] == [
         "attention", "loss", "GEMM", "norms", "optimizer", "elementwise and casts"]
+    # names from an fp8 profile on the H100: float8 GEMMs are GEMMs; amax reductions and scaled casts are not
+    assert [category(k) for k in ("nvjet_sm90_qqtst_192x192_128x4_2x1_v_bz_coopB_TNN",
+                                  "triton_red_fused_abs_cat_max_mul_silu_silu_backward_split_view_8",
+                                  "triton_poi_fused__scaled_mm__to_copy_clamp_clone_mul_reciprocal_t_view_9",
+                                  "triton_red_fused__to_copy_abs_add_max_mean_mul_pow_rsqrt_view_14")] == [
+        "GEMM"] + ["float8 scaling (amax and casts)"] * 3
 
 
 def test_fp8_refuses_a_machine_without_float8_tensor_cores(tmp_path, tiny_dus):

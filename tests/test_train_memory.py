@@ -10,7 +10,7 @@ import torch
 
 from dus_plugin.errors import TrainConfigError
 from dus_plugin.train import memory
-from dus_plugin.train.config import load_train_config
+from dus_plugin.train.config import TrainConfig, load_train_config
 from dus_plugin.train.loop import train
 from dus_plugin.upscale import UpscaleOptions, upscale
 
@@ -170,3 +170,34 @@ def test_frozen_weights_of_a_bf16_model_stay_bf16_under_bf16_compute(tmp_path, t
     before, after = tensors(tmp_path / "model"), tensors(tmp_path / "run" / "final")
     changed = {int(n.split(".")[2]) for n in after if ".layers." in n and not torch.equal(after[n], before[n])}
     assert changed == {6, 7, 8, 9} and all(t.dtype == torch.bfloat16 for t in after.values())
+
+
+def _measured_peaks() -> list[tuple[dict, str, float]]:
+    """(model shape, variant, peak GB) of every accumulated-batch run recorded on the H100."""
+    results = json.loads((Path(__file__).parents[1] / "benchmarks/results/train_throughput.json").read_text())
+    runs = [(results["shape"], results["variants"]), (results["fp8"]["at_hidden_4096"]["shape"],
+                                                      results["fp8"]["at_hidden_4096"]["variants"])]
+    return [(shape, name, v["peak_mem_gb"]) for shape, variants in runs for name, v in variants.items()
+            if "+ga" in name and "peak_mem_gb" in v]
+
+
+def test_the_estimate_stays_just_above_every_gpu_peak_recorded(tmp_path):
+    """bf16 and fp8, micro-batch 4 to 8, at two shapes: never under the measured peak, and at most 10% over."""
+    from transformers import LlamaConfig
+
+    peaks = _measured_peaks()
+    assert sum("fp8" in name for _, name, _ in peaks) >= 6 and len(peaks) >= 10
+    (tmp_path / "text.txt").write_text("x")
+    for shape, name, peak in peaks:
+        folder = tmp_path / str(shape["hidden_size"])
+        if not folder.is_dir():
+            LlamaConfig(**shape, tie_word_embeddings=False, architectures=["LlamaForCausalLM"]).save_pretrained(folder)
+        flags = name.split("+")
+        micro = next((int(f[2:]) for f in flags if f.startswith("mb")), 4)
+        cfg = TrainConfig.model_validate({
+            "model": str(folder), "output_dir": str(tmp_path / "run"), "optimizer": {"lr": 1e-5},
+            "data": {"sources": [{"path": str(tmp_path / "text.txt")}], "seq_len": 2048},
+            "micro_batch_size": micro, "global_batch_size": micro * 4, "max_steps": 1, "compile": True,
+            "fused_projections": True, "precision": "fp8" if "fp8" in flags else "bf16"})
+        estimate = memory.estimate(cfg, memory.model_shape(cfg)).total / memory.GB
+        assert peak <= estimate <= 1.1 * peak, (shape["hidden_size"], name, peak, estimate)

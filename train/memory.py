@@ -10,7 +10,8 @@ The estimate is arithmetic over the config and the model's parameter counts (bui
 - activations: what backward keeps per token and layer for a Llama-shaped block (see ``_per_token_layer``),
   or, with activation checkpointing, each layer's input plus one layer being recomputed; the logits and
   their float32 loss (8 bytes per token and vocabulary entry, calibrated on the GPU); with fp32 master
-  weights under bf16 autocast, the bf16 weight copies autocast keeps for backward.
+  weights under bf16 autocast, the bf16 weight copies autocast keeps for backward (with precision fp8 only
+  outside the decoder layers).
 
 FSDP and DeepSpeed (ZeRO-3) divide weights, gradients and optimizer states by the process count and
 add two layers gathered whole. The figure is compared with ``torch.cuda.max_memory_allocated`` in
@@ -36,6 +37,11 @@ COMPILED_ACTIVATIONS = 0.65
 benchmark shape (48 layers, seq 2048, four accumulated micro-batches; benchmarks/results/train_throughput.json):
 the layers kept 0.58x the eager estimate compiled per layer (micro-batch 4 and 5: 68.9 and 76.2 GB peak) and
 0.63x compiled as one graph (71.5 GB). 0.65 keeps the estimate above all three (72.2, 80.2 and 72.2 GB)."""
+FLOAT8_ACTIVATIONS = 0.47
+"""The same for precision fp8 (compiled): torchao's float8 layers keep less again, and no bf16 weight copies. Measured
+on the H100 (benchmarks/results/train_throughput.json, 2026-11-24): 0.41x the eager estimate at the 2.25B shape
+(micro-batch 4, 5, 6, 8: 57.0, 62.3, 67.5, 78.0 GB) and 0.43x at hidden 4096 (59.4, 65.9 GB). 0.47 keeps the
+estimate 2-7% above each of them."""
 SMALL_TENSOR = 4096
 """torchao keeps plain float states for tensors with fewer values than this."""
 
@@ -175,11 +181,14 @@ def _activations(cfg: TrainConfig, shape: ModelShape) -> float:
     if cfg.activation_checkpointing:
         kept = shape.layers * tokens * shape.hidden * residual + per_layer
     else:
-        kept = shape.layers * per_layer * (COMPILED_ACTIVATIONS if cfg.compile else 1.0)
+        compiled = FLOAT8_ACTIVATIONS if cfg.precision == "fp8" else COMPILED_ACTIVATIONS
+        kept = shape.layers * per_layer * (compiled if cfg.compile else 1.0)
     logits = tokens * shape.vocab * LOGIT_BYTES
     autocast_copies = 0.0
     if cfg.master_weights == "fp32" and cfg.bf16_compute:
         cast = shape.trainable if shape.frozen_bytes == 2 else shape.params  # bf16 weights need no copy
+        if cfg.precision == "fp8":  # float8 layers cast their weights to float8 inside the matmul, keeping no copy
+            cast = max(cast - shape.layers * shape.layer_params, 0)
         autocast_copies = 2 * min(cast, shape.layer_params if cfg.activation_checkpointing else cast)
     return kept + logits + autocast_copies
 

@@ -3,7 +3,8 @@
 Set ``profile: {start: 10, steps: 3}`` in the training YAML; the trainer then writes
 ``OUTPUT_DIR/profile.json`` (milliseconds per step and share of the step, by category, plus the top
 kernels) and a Chrome trace ``profile_trace.json.gz``. Kernel names are matched in order, so a fused
-Triton kernel that computes a log-softmax counts as loss, one that computes an rsqrt as a norm.
+Triton kernel that computes a log-softmax counts as loss, one that computes an rsqrt as a norm, and one that also
+computes a float8 scale (an amax) counts as float8 scaling.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 # (category, substrings of the lower-cased kernel name); the first match wins
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    # precision fp8: inductor names the amax reductions (abs, max) and the scaled casts it fuses in front of
+    # torch._scaled_mm "..._scaled_mm_..."; the float8 GEMMs themselves are cuBLAS kernels, counted as GEMM
+    ("float8 scaling (amax and casts)", ("_abs_", "fused_abs", "fused__scaled_mm")),
     ("loss", ("cross_entropy", "log_softmax", "logsoftmax", "nll_loss", "logsumexp", "softmax")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "_amp_", "lerp")),
     ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90", "matmul", "wgmma", "aten::mm", "aten::addmm",
@@ -97,7 +101,7 @@ def summarize(prof, wall_s: float, steps: int, device: str) -> dict[str, Any]:
         by_cat[cat] = by_cat.get(cat, 0.0) + ms
     busy = sum(by_cat.values())
     by_cat["idle (no kernel running)"] = max(step_ms - busy, 0.0)
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:60]
     return {"step_ms": step_ms, "steps": steps, "device": device,
             "categories": {k: {"ms": round(v, 3), "share": round(v / step_ms, 4)}
                            for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
