@@ -7,6 +7,10 @@ torch AdamW, no compile. MFU = tokens/s x (6N + 12 L d seq) / peak.
 
   python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
   python benchmarks/train_throughput.py --tiny      # CPU smoke run of the same code
+  # one run split over calls of a time-limited machine: the same --work and --out skip what is measured
+  python benchmarks/train_throughput.py --work /tmp/tt --out /tmp/tt/r.json --variants compile+fused+parity+keep
+  python benchmarks/train_throughput.py --work /tmp/tt --out /tmp/tt/r.json \
+      --variants compile+fused+parity+fromtrained,compile+fused+fp8+parity+fromtrained
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
 
     Flags: compile (each decoder layer; with wholemodel: the whole model as one graph), fused, ac, gaN (global batch
     = N micro-batches), fp8 / fp8row (precision fp8, tensorwise / rowwise scaling), flash / cudnn / efficient (the
-    SDPA kernel), profile (torch.profiler over 3 steps near the end), keep (export the trained model to WORK/final),
+    SDPA kernel), profile (torch.profiler over 3 steps near the end), keep (export the trained model to WORK/trained/final),
     fromtrained (start from the model a keep variant trained), seedN (the data order and seed; default 0).
     ``parity``: a real LR schedule and a validation loss at the end, for comparing the loss of two precisions on the
     same text and seed."""
