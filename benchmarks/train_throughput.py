@@ -87,16 +87,17 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
     """The real trainer (dus_plugin.train) on packed text; rate of the last logging window.
 
     Flags: compile (each decoder layer; with wholemodel: the whole model as one graph), fused, ac, gaN (global batch
-    = N micro-batches), fp8 / fp8row (precision fp8, tensorwise / rowwise scaling), flash / cudnn / efficient (the
-    SDPA kernel), profile (torch.profiler over 3 steps near the end), keep (export the trained model to WORK/trained/final),
-    fromtrained (start from the model a keep variant trained), seedN (the data order and seed; default 0).
+    = N micro-batches), fp8 / fp8row (precision fp8, tensorwise / rowwise scaling), fp32 (precision fp32), flash /
+    cudnn / efficient (the SDPA kernel), profile (torch.profiler over 3 steps near the end), keep (export the trained
+    model to WORK/trained/final), fromtrained (start from the model a keep variant trained), seedN (the data order and
+    seed; default 0).
     ``parity``: a real LR schedule and a validation loss at the end, for comparing the loss of two precisions on the
     same text and seed."""
     from dus_plugin.train.config import TrainConfig
     from dus_plugin.train.loop import train
 
     accum = next((int(f[2:]) for f in flags if f.startswith("ga")), 1)
-    precision = "fp8" if flags & {"fp8", "fp8row"} else "bf16"
+    precision = "fp8" if flags & {"fp8", "fp8row"} else "fp32" if "fp32" in flags else "bf16"
     cfg = TrainConfig.model_validate({
         "model": str(folder), "output_dir": str(work),
         "data": {"sources": [{"path": str(data)}], "seq_len": seq, "val_fraction": 0.05 if parity else 0.0},
