@@ -96,13 +96,13 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
     from dus_plugin.train.config import TrainConfig
     from dus_plugin.train.loop import train
 
-    accum = next((int(f[2:]) for f in flags if f.startswith("ga")), 1)
+    accum = _flag_number(flags, "ga", 1)
     precision = "fp8" if flags & {"fp8", "fp8row"} else "fp32" if "fp32" in flags else "bf16"
     cfg = TrainConfig.model_validate({
         "model": str(folder), "output_dir": str(work),
         "data": {"sources": [{"path": str(data)}], "seq_len": seq, "val_fraction": 0.05 if parity else 0.0},
         "micro_batch_size": micro, "global_batch_size": micro * accum, "max_steps": steps,
-        "seed": next((int(f[4:]) for f in flags if f.startswith("seed")), 0),
+        "seed": _flag_number(flags, "seed", 0),
         "optimizer": {"lr": 3e-4 if parity else 1e-5},
         "schedule": {"kind": "cosine", "warmup_steps": 20 if parity else 0},
         "precision": precision, "fp8_recipe": "rowwise" if "fp8row" in flags else "tensorwise",
@@ -129,6 +129,11 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
     return out
 
 
+def _flag_number(flags: set[str], prefix: str, default: int) -> int:
+    """N of a flag PREFIXN (ga4, mb5, seed1), or the default."""
+    return next((int(f[len(prefix):]) for f in flags if f.startswith(prefix)), default)
+
+
 def _sync(dev: str) -> None:
     import torch
 
@@ -147,7 +152,7 @@ def _child(args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps({"params": build_model(Path(args.model_dir), _shape(args))}))
         return
     folder, flags = Path(args.model_dir), set(args.variant.split("+"))
-    micro = next((int(f[2:]) for f in flags if f.startswith("mb")), args.micro)
+    micro = _flag_number(flags, "mb", args.micro)
     # "keep" leaves its trained model where "fromtrained" variants start: continued training, as after an upscale
     trained = folder.parent / "trained"
     if "fromtrained" in flags:
@@ -257,8 +262,8 @@ def _write(args: argparse.Namespace, results: dict, params: int, shape: dict, fi
     parity = {(("fp8" if "fp8" in k else "bf16"), "fromtrained" in k): v
               for k, v in results.items() if "parity" in k and "val_loss" in v}
     # the pair from a trained model is what continued pretraining does; the random-init pair is kept beside it
-    start = "fromtrained" if any(trained for _, trained in parity) else "random init"
-    pair = {prec: v for (prec, trained), v in parity.items() if trained == (start == "fromtrained")}
+    from_trained = any(trained for _, trained in parity)
+    pair = {prec: v for (prec, trained), v in parity.items() if trained == from_trained}
     report = {
         "tok_s": best.get("tok_s"), "mfu": best.get("mfu"),
         "baseline_tok_s": base.get("tok_s"), "baseline_mfu": base.get("mfu"),
@@ -271,7 +276,7 @@ def _write(args: argparse.Namespace, results: dict, params: int, shape: dict, fi
                          "bf16_tok_s": best.get("tok_s"),
                          "speedup": best_fp8["tok_s"] / best["tok_s"] if best_fp8 and best else None,
                          "loss": pair.get("fp8", {}).get("val_loss"), "bf16_loss": pair.get("bf16", {}).get("val_loss"),
-                         "steps": pair.get("fp8", {}).get("steps"), "loss_from": start,
+                         "steps": pair.get("fp8", {}).get("steps"), "loss_from": "fromtrained" if from_trained else "random init",
                          "loss_pairs": {("from a trained model" if trained else "from random init") + f" ({prec})":
                                         v.get("val_loss") for (prec, trained), v in sorted(parity.items())}}
     if final:

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from dus_plugin.errors import BaseModelError, PlanError
 from dus_plugin.plan import ParamCount
+from dus_plugin.tensors import Regroup
 
 LOG = logging.getLogger(__name__)
 
@@ -481,12 +482,14 @@ def packed_blocks(base, out, stack: str) -> dict[str, tuple[int, int]]:
     return packed
 
 
-def packed_per_layer(config: Mapping[str, Any], layer_map: Sequence[int]) -> dict[str, tuple[int, int]]:
-    """``packed_blocks`` for a base config and a layer map (both models built on the meta device)."""
+def packed_per_layer(config: Mapping[str, Any], layer_map: Sequence[int]) -> dict[str, Regroup]:
+    """``packed_blocks`` for a base config and a layer map (both models built on the meta device), each as the
+    regrouping of its blocks that the layer map implies."""
     from dus_plugin.plan import num_layers
 
     base = meta_model(config)
-    return _grown_blocks(base, find_stack(base, num_layers(config)), config, layer_map)
+    blocks = _grown_blocks(base, find_stack(base, num_layers(config)), config, layer_map)
+    return {name: Regroup(dim, block, tuple(layer_map)) for name, (dim, block) in blocks.items()}
 
 
 def _grown_blocks(base: Any, stack: str, config: Mapping[str, Any],

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from dus_plugin.errors import UpscaleError
 from dus_plugin.recipe import Recipe
 from dus_plugin.architecture import LayerStack
-from dus_plugin.tensors import Regroup, SourceTensor, read_header, transformed_bytes
+from dus_plugin.tensors import Regroup, SourceTensor, is_raw_copy, out_shape, read_header, transformed_bytes
 
 LOG = logging.getLogger(__name__)
 CHUNK = 64 << 20
@@ -50,7 +50,7 @@ class OutTensor:
 
     @property
     def shape(self) -> list[int]:
-        return self.regroup.shape(self.src.shape) if self.regroup else list(self.src.shape)
+        return out_shape(self.src.shape, self.regroup)
 
     @property
     def nbytes(self) -> int:
@@ -61,7 +61,7 @@ class OutTensor:
 
     @property
     def raw_copy(self) -> bool:
-        return not self.zero and self.mean_with is None and self.regroup is None and self.dtype == self.src.dtype
+        return is_raw_copy(self.src.dtype, self.dtype, self.zero, self.mean_with, self.regroup)
 
 
 def streamable(recipe: Recipe) -> str | None:
@@ -83,10 +83,10 @@ def streamable(recipe: Recipe) -> str | None:
 
 
 def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: LayerStack,
-                 packed: dict[str, tuple[int, int]]) -> list[OutTensor]:
+                 packed: dict[str, Regroup]) -> list[OutTensor]:
     """Every output tensor with its source byte range, in output order (non-layer tensors first).
 
-    ``packed``: tensors outside the stack with one block per layer, name -> (dimension, block size)."""
+    ``packed``: tensors outside the stack with one block per layer, and how the layer map regroups them."""
     from dus_plugin.tensors import weight_map
 
     sources: dict[str, SourceTensor] = {}
@@ -101,10 +101,9 @@ def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: L
         (outside.append(name) if i is None else layer_names.setdefault(i, []).append(name))
     out: list[OutTensor] = []
     target = TORCH_NAMES.get(out_dtype or "", None)
-    layers = tuple(recipe.layer_map)
     for name in outside:
-        regroup = Regroup(*packed[name], layers) if name in packed else None
-        out.append(OutTensor(name, sources[name], name, target or sources[name].dtype, False, regroup=regroup))
+        out.append(OutTensor(name, sources[name], name, target or sources[name].dtype, False,
+                             regroup=packed.get(name)))
     for i, src_layer in enumerate(recipe.layer_map):
         for src_name in layer_names.get(src_layer, []):
             name = stack.rename(src_name, i)

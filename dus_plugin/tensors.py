@@ -133,6 +133,16 @@ class Regroup:
         return out
 
 
+def out_shape(shape: Sequence[int], regroup: Regroup | None) -> list[int]:
+    """The shape ``transformed_bytes`` gives a source tensor of ``shape``."""
+    return regroup.shape(shape) if regroup else list(shape)
+
+
+def is_raw_copy(src_dtype: str, dtype: str, zero: bool, mean_with: object, regroup: Regroup | None) -> bool:
+    """Whether ``transformed_bytes`` with these arguments returns the source's bytes unchanged."""
+    return not zero and mean_with is None and regroup is None and dtype == src_dtype
+
+
 def transformed_bytes(src: SourceTensor, name: str, dtype: str, zero: bool,
                       mean_with: SourceTensor | None = None, regroup: Regroup | None = None) -> bytes:
     """A tensor cast to ``dtype`` (safetensors name) and/or zeroed, computed as mergekit computes it

@@ -17,7 +17,8 @@ from typing import Any
 
 from dus_plugin.errors import PlanError, VerifyError
 from dus_plugin.manifest import Manifest
-from dus_plugin.tensors import Regroup, SourceTensor, read_tensor, tensor_headers, weight_map
+from dus_plugin.tensors import (Regroup, SourceTensor, is_raw_copy, out_shape, read_tensor, tensor_headers,
+                                weight_map)
 
 LOG = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -143,9 +144,7 @@ def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: lis
         zeroed = set(layer_list_plan(base_config, layer_map).duplicated_outputs)
         filters = writer_filters([n for n in names if stack.index(n) is not None], shared_in_stack(base_config))
     packed = packed_per_layer(base_config, layer_map)
-    out: dict[str, Expected] = {
-        n: Expected(n, False, regroup=Regroup(*packed[n], tuple(layer_map)) if n in packed else None)
-        for n in names if stack.index(n) is None}
+    out: dict[str, Expected] = {n: Expected(n, False, regroup=packed.get(n)) for n in names if stack.index(n) is None}
     by_layer: dict[int, list[str]] = {}
     for n in names:
         if (i := stack.index(n)) is not None:
@@ -189,14 +188,14 @@ def _compare(name: str, t: SourceTensor, src: SourceTensor, want: Expected, mean
     """sha256 of the output tensor's bytes; VerifyError at the first byte that differs from what its source implies."""
     from dus_plugin.tensors import transformed_bytes
 
-    shape = want.regroup.shape(src.shape) if want.regroup else list(src.shape)
+    shape = out_shape(src.shape, want.regroup)
     if shape != list(t.shape):
         raise VerifyError(f"tensor {name} has shape {list(t.shape)}; its source {want.source} {list(src.shape)} "
                           f"implies {shape}")
     if want.mean_with and (mean_with is None or mean_with.shape != t.shape):
         raise VerifyError(f"tensor {name} should be the mean of {want.source} and {want.mean_with}, and the base's "
                           f"{want.mean_with} is missing or has another shape")
-    raw = not want.zero and want.mean_with is None and want.regroup is None and src.dtype == t.dtype
+    raw = is_raw_copy(src.dtype, t.dtype, want.zero, want.mean_with, want.regroup)
     expected = None if raw else transformed_bytes(src, want.source, t.dtype, want.zero, mean_with, want.regroup)
     h = hashlib.sha256()
     fd = os.open(t.file, os.O_RDONLY)
