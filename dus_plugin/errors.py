@@ -102,3 +102,7 @@ class StaleStageError(DusError, RuntimeError):
 
 class GgufPatchError(DusError, ValueError):
     """A GGUF cannot be patched for a model folder (another model, not a GGUF, a family dus has not checked)."""
+
+
+class PretrainedFetchError(DusError, RuntimeError):
+    """The real pretrained base (a wheel on the package index) could not be fetched."""

@@ -61,8 +61,27 @@ def iter_documents(src: DataSource) -> Iterator[str]:
         table = pq.read_table(p, columns=[src.text_field])
         yield from (t for t in table.column(src.text_field).to_pylist() if t)
     else:
-        raise TrainConfigError(f"data source {path}: unknown kind {p.suffix!r}; use .txt, .jsonl, .parquet, "
-                               "a datasets folder or hf:NAME")
+        raise _unknown_kind(path, p.suffix)
+
+
+KNOWN_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def check_sources(data) -> None:
+    """Refuse an unusable source before anything heavy loads: a missing path or a file of unknown kind."""
+    for src in data.sources:
+        if src.path.startswith("hf:"):
+            continue
+        p = Path(src.path)
+        if not p.exists():
+            raise TrainConfigError(f"data source {src.path} does not exist; check data.sources[].path")
+        if p.is_file() and p.suffix not in KNOWN_SUFFIXES:
+            raise _unknown_kind(src.path, p.suffix)
+
+
+def _unknown_kind(path: str, suffix: str) -> TrainConfigError:
+    return TrainConfigError(f"data source {path}: unknown kind {suffix!r}; use .txt, .jsonl, .parquet, "
+                            "a datasets folder or hf:NAME")
 
 
 def _field(row: dict[str, Any], src: DataSource, where: str) -> str:

@@ -18,7 +18,7 @@ from dus_plugin.errors import CheckpointError, DusError, Interrupted, TrainConfi
 from dus_plugin.train import checkpoint, memory
 from dus_plugin.train.compiled import compile_model
 from dus_plugin.train.config import TrainConfig
-from dus_plugin.train.data import PackedData
+from dus_plugin.train.data import PackedData, check_sources
 from dus_plugin.train.metrics import MetricsLog, plot_loss
 from dus_plugin.train.profile import StepProfiler
 from dus_plugin.train.schedule import LRSchedule
@@ -151,6 +151,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     _claim_output(out, ckpt_root, resume, overwrite, accelerator)
     if resume and (done := _finished(cfg, ckpt_root)) is not None:
         return done
+    check_sources(cfg.data)  # before the estimate and the model load: a typo costs nothing
     set_seed(cfg.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
     need = memory.check_fits(cfg, world, accelerator.distributed_type.value, accelerator.device.type)
@@ -190,7 +191,11 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     last_loss = last_val = None
     if cfg.eval_on_start and start == 0:
         last_val = validation_loss(cfg, model, data, accelerator)
-        metrics.log({"step": 0, "tokens": 0, "val_loss": last_val})
+        row0 = {"step": 0, "tokens": 0, "val_loss": last_val}
+        if hook is not None:  # the held-out texts at step 0 too: the seam's cost on every domain
+            row0["val_perplexity"] = hook.run(model, tokenizer, 0, write=accelerator.is_main_process,
+                                              device=accelerator.device)["perplexity"]["perplexity"]
+        metrics.log(row0)
     phase_losses: dict[str, list[float]] = {}
     t_log, tok_log, rate = time.perf_counter(), 0, None
     model.train()
@@ -210,6 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
                 raise TrainingDiverged(
                     f"loss became {loss} at step {step + 1}; weights were not updated with it and the last good "
                     f"checkpoint is {good or 'none (set save_every)'}; lower optimizer.lr or set grad_clip")
+            step_lr = float(max(sched.get_last_lr()))  # the rate this step used; sched.step() sets the next one
             sched.step()
             tokens_seen += tokens_per_step
             tok_log += tokens_per_step
@@ -220,7 +226,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
             row: dict[str, Any] = {}
             if done % cfg.log_every == 0 or done == total:
                 rate = tok_log / (time.perf_counter() - t_log)
-                row = {"loss": loss, "lr": float(max(sched.get_last_lr())), "tokens_per_s": rate, "phase": phase}
+                row = {"loss": loss, "lr": step_lr, "tokens_per_s": rate, "phase": phase}
                 t_log, tok_log = time.perf_counter(), 0
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
                 last_val = validation_loss(cfg, model, data, accelerator)
@@ -389,6 +395,8 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
             state = unfuse_state_dict(state, unwrapped.config)
         if cfg.fused_projections or cfg.precision == "fp8":  # a plain transformers model saves the plain names
             unwrapped = _fresh_model(cfg.model)
+        state = _without_tied_copies(state, unwrapped)
+        unwrapped.config.dtype = dtype  # what the tensors are, not what training computed in
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _write_manifest(cfg, tmp, result)
@@ -399,6 +407,15 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
         LOG.info("exported %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _without_tied_copies(state: dict, model) -> dict:
+    """The state dict without the tensors the model ties to another (a tied lm_head stays tied on disk).
+
+    The dtype cast above makes each tied name its own tensor, so save_pretrained no longer sees them as shared.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {k: v for k, v in state.items() if not (k in tied and tied[k] in state)}
 
 
 def _fresh_model(model_dir: str):
