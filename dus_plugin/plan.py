@@ -301,14 +301,28 @@ def format_layer_map(plan: DusPlan) -> str:
     seen: set[int] = set()
     for k, sl in enumerate(plan.slices):
         length = sl.end - sl.start
-        mark = ("  <- seam" if plan.layout == "solar" else "  (copies)") if k > 0 and seen & set(sl.layers) else ""
-        lines.append(f"  out {out:>3}..{out + length - 1:<3} <- base {sl.start:>3}..{sl.end - 1:<3}{mark}")
+        copies = [(out + i, src) for i, src in enumerate(sl.layers) if src in seen]
+        mark = "  <- seam" if plan.layout == "solar" and k > 0 and copies else ""
+        lines.append(f"  out {out:>3}..{out + length - 1:<3} <- base {sl.start:>3}..{sl.end - 1:<3}{mark}"
+                     + (f"  copies: {_runs(copies)}" if copies else ""))
         seen.update(sl.layers)
         out += length
     if plan.params_before is not None:
         before, after = plan.params_before.total, plan.params_after.total  # type: ignore[union-attr]
         lines.append(f"  params {human_count(before)} -> {human_count(after)} (x{after / before:.2f})")
     return "\n".join(lines)
+
+
+def _runs(pairs: list[tuple[int, int]]) -> str:
+    """'out 23..38 = base 7..22' for (output, source) pairs, one range per run that steps by one on both sides."""
+    runs: list[list[tuple[int, int]]] = []
+    for o, b in pairs:
+        if runs and runs[-1][-1] == (o - 1, b - 1):
+            runs[-1].append((o, b))
+        else:
+            runs.append([(o, b)])
+    return ", ".join(f"out {r[0][0]} = base {r[0][1]}" if len(r) == 1 else
+                     f"out {r[0][0]}..{r[-1][0]} = base {r[0][1]}..{r[-1][1]}" for r in runs)
 
 
 def human_count(x: int) -> str:

@@ -76,6 +76,9 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
         filters = identity_filters(base, stack, names, options.method)
     dtype = options.dtype or base.config.get("dtype") or base.config.get("torch_dtype")
     notes: list[str] = []
+    if options.layers is None and options.drop is None and options.layout != "stack" and plan.n % 4:
+        notes.append(f"m = n/4 = {plan.n}/4 = {plan.n / 4:g}, rounded down to m = {plan.overlap} (s = {plan.s}); "
+                     "choose another overlap with --drop (upscale.drop in a run recipe)")
     padded = padded_vocab(base) if options.tokenizer_source == "auto" else None
     if padded:
         notes.append(f"tokenizer_source omitted: the base pads its vocabulary to {padded[0]} rows for {padded[1]} "

@@ -100,11 +100,21 @@ def _check_config(folder: Path, manifest: Manifest, base_config: dict[str, Any])
     want, got = (config_object(c).to_dict() for c in (expected, actual))
     for key in sorted(set(want) | set(got)):
         if key not in VOLATILE_CONFIG_KEYS and want.get(key) != got.get(key):
-            raise VerifyError(f"config.json {key} is {_short(got.get(key))}, the layer map implies {_short(want.get(key))}")
+            raise VerifyError(_config_mismatch(key, got.get(key), want.get(key)))
     try:
         check_layers(base_config, actual, layer_map)
     except PlanError as e:
         raise VerifyError(f"config.json: {e}") from None
+
+
+def _config_mismatch(key: str, got: Any, want: Any) -> str:
+    """One line naming the first differing entry of a list (two long lists cut short look the same)."""
+    if isinstance(got, list) and isinstance(want, list):
+        if len(got) != len(want):
+            return f"config.json {key} has {len(got)} entries, the layer map implies {len(want)}"
+        i = next(k for k, (g, w) in enumerate(zip(got, want)) if g != w)
+        return f"config.json {key}[{i}] is {_short(got[i])}, the layer map implies {_short(want[i])}"
+    return f"config.json {key} is {_short(got)}, the layer map implies {_short(want)}"
 
 
 def _short(value: Any) -> str:

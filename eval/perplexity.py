@@ -89,6 +89,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None
     max_length = max_length or min(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_LENGTH),
                                    DEFAULT_MAX_LENGTH)
     stride = stride or max(1, max_length // 2)
+    batch_size = windows_per_batch(batch_size, max_length, model.config.get_text_config().vocab_size)
     device = device or next(model.parameters()).device
     jobs = []
     for text in texts:
@@ -111,6 +112,16 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int | None = None
     if scored == 0:
         raise EvalError("the text has fewer than 2 tokens; nothing to score")
     return PerplexityResult(scored, nll, n_bytes, max_length, stride)
+
+
+LOGITS_BUDGET = 256 * 2**20
+"""Bytes of float32 logits one batch of windows may hold: the model's activations and logits, not its weights, set
+the peak (8 windows of 512 over SmolLM2's 49k vocabulary peaked at 2.8 GB RSS, 2 windows at 1.5 GB)."""
+
+
+def windows_per_batch(asked: int, max_length: int, vocab: int) -> int:
+    """The batch size asked for, lowered so that a batch's float32 logits stay within LOGITS_BUDGET."""
+    return max(1, min(asked, LOGITS_BUDGET // (max_length * vocab * 4)))
 
 
 SCORE_CHUNK = 256

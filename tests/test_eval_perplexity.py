@@ -54,3 +54,31 @@ def test_windows_cover_every_token_once():
     assert disjoint == [1, 2, 3, 5, 6, 7, 9]
     with pytest.raises(EvalError, match="stride"):
         windows(10, 4, 5)
+
+
+def test_scoring_holds_one_chunk_of_log_probabilities_at_a_time(tiny_llama, monkeypatch):
+    """The float32 log-softmax never spans a whole batch of windows (issue 25: 3.2 GB on a 135M model)."""
+    import dus_plugin.eval.perplexity as ppl
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    whole = perplexity(model, tok, [TEXT], max_length=64, stride=32, batch_size=4, progress=False)
+    widest, real_log_softmax = [], torch.log_softmax
+
+    def spy(x, *a, **k):
+        widest.append(x.numel())
+        return real_log_softmax(x, *a, **k)
+
+    monkeypatch.setattr(ppl, "SCORE_CHUNK", 5)
+    monkeypatch.setattr(torch, "log_softmax", spy)
+    chunked = perplexity(model, tok, [TEXT], max_length=64, stride=32, batch_size=4, progress=False)
+    assert max(widest) <= 5 * model.config.vocab_size
+    assert chunked.tokens == whole.tokens and chunked.nll == pytest.approx(whole.nll, rel=1e-12)
+
+
+def test_a_large_vocabulary_scores_fewer_windows_at_a_time():
+    from dus_plugin.eval.perplexity import windows_per_batch
+
+    assert windows_per_batch(8, 512, 49152) == 2  # SmolLM2: 2.8 GB -> 1.5 GB peak RSS, the same loss
+    assert windows_per_batch(8, 512, 151936) == 1  # Qwen2.5's vocabulary
+    assert windows_per_batch(8, 64, 128) == 8  # small models keep the batch asked for

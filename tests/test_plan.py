@@ -66,3 +66,19 @@ def test_param_count_matches_transformers(family, tiny_models):
     cfg = json.loads((folder / "config.json").read_text())
     real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).parameters())
     assert count_params(cfg).total == real
+
+
+def test_plan_names_every_copy_and_says_when_it_rounds_m(tmp_path):
+    """Interpose pairs rows unevenly, so each row says which outputs are copies; n/4 = 2.5 is rounded aloud."""
+    from dus_plugin.fixtures import make_tiny_model
+    from helpers import dus
+
+    base = make_tiny_model("llama", tmp_path / "base", layers=10)
+    r = dus("plan", base, "--layout", "interpose")
+    assert r.exit_code == 0, r.output
+    assert "m = n/4 = 10/4 = 2.5, rounded down to m = 2" in r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.strip().startswith("out")]
+    assert rows[1].split() == ["out", "3..4", "<-", "base", "2..3", "copies:", "out", "3", "=", "base", "2"]
+    assert rows[-1].split() == ["out", "13..15", "<-", "base", "7..9", "copies:", "out", "13", "=", "base", "7"]
+    solar = dus("plan", base, "--drop", 2)
+    assert "rounded" not in solar.stderr and "copies: out 8..13 = base 2..7" in solar.stdout

@@ -453,3 +453,42 @@ def test_fp8_reads_accelerate_use_cpu_as_a_flag(monkeypatch, flag, refused):
             require_float8()
     else:
         require_float8()
+
+
+# --- what the real base showed (issue 25) ------------------------------------------------------------
+
+def test_export_of_a_tied_bf16_model_stays_tied_and_says_bf16(tmp_path):
+    from dus_plugin.fixtures import make_tiny_model
+    from safetensors import safe_open
+
+    model = make_tiny_model("qwen2_tied", tmp_path / "tied", dtype="bfloat16")
+    result = train(load_train_config(make_config(tmp_path, model, max_steps=2,
+                                                   seam={"focus": "none", "seam_lr_multiplier": 1.0})), quiet=True)
+    final = Path(result.export_dir)
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(final / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    loaded, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+def test_metrics_log_the_rate_each_step_used(tmp_path, tiny_dus):
+    cfg = make_config(tmp_path, tiny_dus, max_steps=3, log_every=1, optimizer={"lr": 1e-3},
+                      schedule={"kind": "cosine", "warmup_steps": 0, "min_lr_ratio": 0.1},
+                      seam={"focus": "none", "seam_lr_multiplier": 1.0})
+    train(load_train_config(cfg), quiet=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[0] == pytest.approx(1e-3)  # the first step runs at the peak; the next rate is logged with the next step
+    assert lrs[0] > lrs[1] > lrs[2]
+
+
+def test_an_unusable_data_source_is_refused_before_the_model_loads(tmp_path, tiny_dus):
+    bad = tmp_path / "notes.md"
+    bad.write_text("some text\n")
+    cfg = make_config(tmp_path, tmp_path / "no-such-model", data={"sources": [{"path": str(bad)}]})
+    with pytest.raises(TrainConfigError, match=r"unknown kind '\.md'"):
+        train(load_train_config(cfg), quiet=True)

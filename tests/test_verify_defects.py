@@ -123,3 +123,14 @@ def test_per_layer_embeddings_regrouped_by_index_fail(tmp_path):
 
     _rewrite(tmp_path / "out", by_index)
     assert_one_line_error(dus("verify", tmp_path / "out", "-q", "--no-forward"), name, "per-layer blocks")
+
+
+def test_one_wrong_entry_of_a_per_layer_list_is_named_by_index(upscaled):
+    out = upscaled("gemma3")
+    cfg = json.loads((out / "config.json").read_text())
+    i = len(cfg["layer_types"]) - 3
+    was = cfg["layer_types"][i]
+    cfg["layer_types"][i] = "full_attention" if was == "sliding_attention" else "sliding_attention"
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(dus("verify", out, "-q", "--no-forward"),
+                          f'layer_types[{i}] is "{cfg["layer_types"][i]}", the layer map implies "{was}"')

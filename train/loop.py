@@ -396,8 +396,8 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
         if cfg.fused_projections or cfg.precision == "fp8":  # a plain transformers model saves the plain names
             unwrapped = _fresh_model(cfg.model)
         state = _without_tied_copies(state, unwrapped)
-        unwrapped.config.dtype = dtype  # what the tensors are, not what training computed in
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        _config_says_dtype(tmp, dtype)
         tokenizer.save_pretrained(tmp)
         _write_manifest(cfg, tmp, result)
         if (Path(cfg.output_dir) / "loss_curve.png").is_file():  # the model card shows it
@@ -407,6 +407,14 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
         LOG.info("exported %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _config_says_dtype(folder: Path, dtype) -> None:
+    """save_pretrained writes the live parameters' dtype (the float32 master weights); the files hold ``dtype``."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _without_tied_copies(state: dict, model) -> dict:
