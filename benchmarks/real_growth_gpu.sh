@@ -27,8 +27,10 @@ case $phase in
     python3 -c "from pathlib import Path; from dus_plugin.pretrained import convert; \
 convert(Path('$ST/gguf/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('$ST/smollm2-135m'))" || exit 1
     cp benchmarks/real_growth.py $ST/
+    resume=(); [ -f benchmarks/results/real_growth.json ] && cp benchmarks/results/real_growth.json $ST/resume.json \
+      && resume=(--resume-from $ST/resume.json)  # the runs already recorded are not run again
     cd /tmp  # not the repo root: `python3 -m dus_plugin.cli` must find the shim, which holds train/ and eval/
-    setsid nohup python3 $ST/real_growth.py --base $ST/smollm2-135m --corpus $ST/corpus --out /tmp/rg_out "$@" \
+    setsid nohup python3 $ST/real_growth.py --base $ST/smollm2-135m --corpus $ST/corpus --out /tmp/rg_out "${resume[@]}" "$@" \
       > /tmp/rg.log 2>&1 < /dev/null &
     end=$((SECONDS + ${WAIT:-60})); sleep 20
     while [ $SECONDS -lt $end ] && pgrep -f real_growth.py > /dev/null; do sleep 10; done
