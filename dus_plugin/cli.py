@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -30,6 +31,13 @@ def _quiet_libraries() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
+WRITE_FAULTS = {errno.EROFS: "the location is read-only: choose a writable folder",
+                errno.EACCES: "permission denied: choose a folder you can write to",
+                errno.ENOSPC: "the disk is full: free space or choose another disk",
+                errno.EDQUOT: "the disk quota is used up: free space or choose another disk"}
+"""Faults of the machine, not of dus: one line naming the path, never a traceback (nothing half-written stays)."""
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -46,6 +54,12 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as e:
+            if e.errno not in WRITE_FAULTS:
+                raise
+            click.echo(f"error: cannot write {e.filename or 'the output'}: {e.strerror}; "
+                       f"{WRITE_FAULTS[e.errno]}", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -328,11 +342,22 @@ def run_(recipe: Path | None, do_push: bool, sets: tuple[str, ...], restart: boo
     from dus_plugin.pipeline import default_recipe, parse_overrides, run
 
     result = run(recipe or default_recipe(), push=do_push, quiet=quiet, echo=click.echo,
-                 overrides=parse_overrides(sets), restart=restart)
+                 overrides=parse_overrides(sets), restart=restart, command=_continue_command(recipe, sets, do_push))
     click.echo("\n" + result.table + "\n")
     for what, path in result.outputs.items():
         if path.exists():
             click.echo(f"{what + ':':<12}{path}")
+
+
+def _continue_command(recipe: Path | None, sets: tuple[str, ...], push: bool) -> str:
+    """The command that continues an interrupted run: the same recipe and every --set (never --restart, which
+    would discard the training checkpoints the interrupted run kept)."""
+    import shlex
+
+    args = ["dus", "run", *([str(recipe)] if recipe else [])]
+    for item in sets:
+        args += ["--set", item]
+    return shlex.join(args + (["--push"] if push else []))
 
 
 @main.command("mergekit-yaml", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -13,8 +13,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -31,6 +34,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def not_utf8(path: str | Path, error: UnicodeDecodeError) -> str:
+    """The one-line reason and fix for a text file that is not UTF-8."""
+    bad = error.object[error.start:error.start + 1].hex()
+    return (f"{path} is not UTF-8 text (byte 0x{bad} at offset {error.start}); convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path} > {Path(path).stem}.utf8{Path(path).suffix}`")
 
 
 def file_sha256(path: str | Path) -> str | None:

@@ -37,6 +37,9 @@ def model_options(model: type[BaseModel], short: dict[str, str] | None = None) -
     def decorate(fn: F) -> F:
         for name, field in reversed(model.model_fields.items()):
             decls = [flag(name), *([short[name]] if name in short else []), name]
+            if field.annotation is bool:  # a switch, off unless given
+                fn = click.option(*decls, is_flag=True, default=field.default, help=field.description)(fn)
+                continue
             fn = click.option(*decls, type=_click_type(field.annotation), default=field.default,
                               show_default=field.default is not None, help=field.description)(fn)
         return fn

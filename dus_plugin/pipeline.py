@@ -184,8 +184,11 @@ class RunResult:
 
 
 def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: Callable[[str], None] = print,
-        overrides: dict[str, Any] | None = None, restart: bool = False) -> RunResult:
-    """Run every stage not already done from the same inputs; return the table and where everything is."""
+        overrides: dict[str, Any] | None = None, restart: bool = False, command: str | None = None) -> RunResult:
+    """Run every stage not already done from the same inputs; return the table and where everything is.
+
+    ``command`` is the command line that continues this run (the CLI's, with every override), for the interrupt note.
+    """
     from dus_plugin.eval.results import compare_table, load_result
 
     r = load_run_recipe(recipe_path, overrides)
@@ -195,7 +198,7 @@ def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: 
     try:
         runner.run_all()
     except (KeyboardInterrupt, Interrupted):  # training raises Interrupted, naming its own resume flag
-        raise Interrupted(_interrupt_note(runner.current, out, recipe_path)) from None
+        raise Interrupted(_interrupt_note(runner.current, out, command or f"dus run {recipe_path}")) from None
     paths = _paths(out)
     table = compare_table([load_result(p) for p in paths["results"]])
     atomic_write_text(out / "summary.md", f"# {r.name}\n\n{table}\n")
@@ -275,14 +278,13 @@ def _naming(fn: Callable[[], Any], keys: dict[str, str]) -> Callable[[], Any]:
     return call
 
 
-def _interrupt_note(stage: str | None, out: Path, recipe_path: str | Path) -> str:
+def _interrupt_note(stage: str | None, out: Path, command: str) -> str:
     from dus_plugin.train.checkpoint import latest
 
     done = "nothing finished yet" if stage == "plan" else f"the stages before {stage} are finished in {out}"
     ckpt = latest(out / "train" / "checkpoints")
     kept = f"; training checkpoint {ckpt} is kept and training resumes from it" if ckpt else ""
-    return (f"interrupted during stage {stage}; {done}{kept}. Continue with the same command: "
-            f"dus run {recipe_path}")
+    return f"interrupted during stage {stage}; {done}{kept}. Continue with: {command}"
 
 
 def _plan(r: RunRecipe, path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -29,6 +30,8 @@ class PlanOptions(Model):
     """g, the copies of the whole base in the stack layout [default: 2]."""
     layers: Optional[str] = None
     """Explicit stacking instead of a layout, e.g. 0:24,8:32."""
+    allow_gaps: bool = False
+    """Let `layers` leave base layers out (pruning on purpose); without it such a spec is refused."""
     method: Literal["solar", "identity", "average"] = "solar"
     """How the later copy of a duplicated layer starts. solar: a plain copy; identity: its residual-writing
     projections zeroed (the base's function at step 0); average: the mean of base layers i and i+1, then zeroed."""
@@ -67,7 +70,7 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     base = resolve_base(base_ref, options.revision)
     names = base_tensor_names(base)
     stack = layer_stack(base.config, names)
-    plan = layer_list_plan(base.config, parse_layers(options.layers)) if options.layers else \
+    plan = _explicit_plan(base.config, options) if options.layers else \
         layout_plan(base.config, options.layout, options.drop, options.repeat)
     upscaled_config(base.config, plan.layer_map)
     plan = plan.with_params(param_count(base.config, plan.layer_map))  # counted on the model: any family
@@ -91,9 +94,23 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
                      "`dus upscale` (its streaming engine reads the layer stack from transformers)")
     notes += llama_cpp_notes(base.config, plan.layer_map)
     use_source = options.tokenizer_source == "base" or (options.tokenizer_source == "auto" and not padded)
-    doc = build_recipe(base_ref, plan, method=options.method, dtype=dtype, projections=filters,
+    # a local folder is written absolute, so stock mergekit finds it from any folder (a relative name sends it to the Hub)
+    model_ref = str(Path(base_ref).resolve()) if Path(base_ref).is_dir() else base_ref
+    doc = build_recipe(model_ref, plan, method=options.method, dtype=dtype, projections=filters,
                        tokenizer_source=use_source)
     return PlannedRecipe(base, plan, doc, notes)
+
+
+def _explicit_plan(config: dict, options: PlanOptions) -> DusPlan:
+    """The plan of a `layers` spec; one that skips a base layer (0:10,12:32) is a typo unless gaps are allowed."""
+    layers = parse_layers(options.layers or "")
+    plan = layer_list_plan(config, layers)
+    missing = sorted(set(range(plan.n)) - set(layers))
+    if missing and not options.allow_gaps:
+        raise PlanError(f"`layers` {options.layers!r} leaves out base layers {missing[:8]}"
+                        f"{'...' if len(missing) > 8 else ''}, so the grown model would lose them; cover every base "
+                        "layer, or set `allow_gaps` to prune on purpose", setting="layers")
+    return plan
 
 
 def base_tensor_names(base: BaseModel) -> list[str] | None:

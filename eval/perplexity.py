@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dus_plugin.errors import DusError, EvalError
+from dus_plugin.io import not_utf8
 
 
 DEFAULT_MAX_LENGTH = 512
@@ -60,7 +61,10 @@ def read_texts(files: Iterable[str | Path]) -> list[str]:
         p = Path(f)
         if not p.is_file():
             raise EvalError(f"text file {p} does not exist; give held-out text in `texts`", setting="texts")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise EvalError(not_utf8(p, e), setting="texts") from None
         if not text.strip():
             raise EvalError(f"text file {p} is empty")
         texts.append(text)

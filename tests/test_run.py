@@ -141,7 +141,9 @@ def test_ctrl_c_during_dus_run_keeps_the_checkpoint_and_names_the_command(tmp_pa
     recipe["train"].update(max_steps=5000, save_every=2, eval_every=0, eval_on_start=False)
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
     ckpts = tmp_path / "qs" / "train" / "checkpoints"
-    lines = ctrl_c_after_checkpoint(["run", str(tmp_path / "r.yml"), "-q"], ckpts)
+    lines = ctrl_c_after_checkpoint(["run", str(tmp_path / "r.yml"), "-q", "--set", "train.log_every=3"], ckpts)
     assert len(lines) == 1 and lines[0].startswith("interrupted: interrupted during stage train"), lines
     assert f"training checkpoint {ckpts}" in lines[0] and f"dus run {tmp_path / 'r.yml'}" in lines[0], lines[0]
+    # the command to continue repeats every override (issue 30: it dropped them and started a fresh default run)
+    assert lines[0].endswith(f"Continue with: dus run {tmp_path / 'r.yml'} --set train.log_every=3"), lines[0]
     assert list(ckpts.glob("step-*")) and (tmp_path / "qs" / "upscaled" / "dus_manifest.json").is_file()

@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dus_plugin.errors import CheckpointError
+
 LOG = logging.getLogger(__name__)
 # accelerate warns "Removed shared tensor {'lm_head.weight'} while saving" on every checkpoint of a model with
 # tied embeddings. Tying is by design, transformers re-ties at load, and `dus verify` refuses a folder that
@@ -45,10 +47,18 @@ def save(accelerator: Any, root: Path, step: int, state: dict[str, Any], keep_la
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / STATE).write_text(json.dumps(state, indent=2))
+    except Exception as e:  # a full disk surfaces as OSError or as safetensors' own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest(root)
+        raise CheckpointError(f"could not write checkpoint {final.name} in {root} ({str(e).splitlines()[0][:200]}); "
+                              f"free space there or set output_dir on another disk; the last complete checkpoint is "
+                              f"{last.name if last else 'none'}", setting="output_dir") from None
     if accelerator.is_main_process:
-        (tmp / STATE).write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoints(root)[:-keep_last]:

@@ -209,6 +209,17 @@ class TrainConfig(Strict):
         return max(1, -(-self.max_tokens // tokens_per_step))  # type: ignore[operator]
 
 
+def check_model_folder(model: str) -> None:
+    """The model is a local folder with a config.json; a missing one is never looked up on the Hub."""
+    path = Path(model)
+    if not path.is_dir():
+        raise TrainConfigError(f"model folder {model} does not exist; set `model` to the folder `dus upscale` wrote "
+                               "(e.g. `dus upscale configs/dus_solar.yml out/dus` first)", setting="model")
+    if not (path / "config.json").is_file():
+        raise TrainConfigError(f"model folder {model} has no config.json, so it is not a model folder; set `model` to "
+                               "the folder `dus upscale` wrote", setting="model")
+
+
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     path = Path(path)
     data = read_yaml_mapping(path, TrainConfigError, "training config", "start from configs/cpt_tiny.yml")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from dus_plugin.io import not_utf8
 from dus_plugin.train.config import DataConfig, DataSource, TrainConfigError
 
 LOG = logging.getLogger(__name__)
@@ -139,12 +140,15 @@ def tokenize_source(src: DataSource, tokenizer, cache_dir: Path, show_progress: 
         bar.update(len(batch))
         batch.clear()
 
-    for doc in iter_documents(src):
-        batch.append(doc)
-        if len(batch) == 256:
-            flush()
-            if src.max_tokens and total >= src.max_tokens:
-                break
+    try:
+        for doc in iter_documents(src):
+            batch.append(doc)
+            if len(batch) == 256:
+                flush()
+                if src.max_tokens and total >= src.max_tokens:
+                    break
+    except UnicodeDecodeError as e:
+        raise TrainConfigError(f"data source {not_utf8(src.path, e)}") from None
     if batch:
         flush()
     bar.close()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from dus_plugin.errors import CheckpointError, DusError, Interrupted, TrainConfigError, TrainingDiverged
 from dus_plugin.train import checkpoint, memory
 from dus_plugin.train.compiled import compile_model
-from dus_plugin.train.config import TrainConfig
+from dus_plugin.train.config import TrainConfig, check_model_folder
 from dus_plugin.train.data import PackedData, check_sources
 from dus_plugin.train.metrics import MetricsLog, plot_loss
 from dus_plugin.train.profile import StepProfiler
@@ -72,8 +72,7 @@ def _load_model(cfg: TrainConfig, accelerator):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (Path(cfg.model) / "config.json").is_file():
-        raise DusError(f"model folder {cfg.model} has no config.json; set `model:` to an upscaled folder")
+    check_model_folder(cfg.model)
     frozen_bf16 = memory.frozen_in_file_dtype(cfg)
     dtype = torch.bfloat16 if cfg.master_weights == "bf16" or frozen_bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")

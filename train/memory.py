@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dus_plugin.train.config import TrainConfig
+from dus_plugin.train.config import TrainConfig, check_model_folder
 
 GB = 1e9
 SHARDED = ("FSDP", "DEEPSPEED")
@@ -106,6 +106,7 @@ def model_shape(cfg: TrainConfig) -> ModelShape:
     from dus_plugin.architecture import find_stack
     from dus_plugin.train.seam import freeze, read_layout
 
+    check_model_folder(cfg.model)
     config = AutoConfig.from_pretrained(cfg.model)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,103 @@
+"""Ordinary mistakes and I/O faults of the machine (issue 30): one line, exit != 0, nothing half-written, nothing lost.
+
+Faults are planted for real where a test can make them (latin-1 bytes, a missing folder); a read-only location and
+a full disk are injected at the write itself, because the tests run as root, for whom permission bits do not hold.
+"""
+
+import errno
+import os
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+from helpers import assert_one_line_error, dus, dus_ok
+
+CORPUS = REPO / "data" / "tiny_corpus.txt"
+
+
+def train_config(tmp_path: Path, model: Path, **over) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "cpt_tiny.yml").read_text())
+    cfg.update(model=str(model), output_dir=str(tmp_path / "run"), seam={"focus": "none"}, **over)
+    cfg["data"]["sources"] = [{"path": str(CORPUS)}]
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_train_with_a_model_folder_that_does_not_exist(tmp_path):
+    cfg = train_config(tmp_path, tmp_path / "out" / "tiny-dus")
+    for extra in ([], ["--estimate"]):
+        line = assert_one_line_error(dus("train", cfg, *extra), "tiny-dus does not exist", "dus upscale")
+        assert "huggingface" not in line.lower()
+
+
+def test_train_with_a_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes").mkdir()
+    assert_one_line_error(dus("train", train_config(tmp_path, tmp_path / "notes")), "no config.json")
+
+
+def test_latin1_text_is_named_in_eval_and_train(tiny_llama, tmp_path):
+    bad = tmp_path / "held.txt"
+    bad.write_bytes("Café société, façade: ".encode("latin-1") * 20)
+    assert_one_line_error(dus("eval", tiny_llama, "--text", bad, "-q", "-o", tmp_path / "r.json"),
+                          "held.txt is not UTF-8", "0xe9", "iconv")
+    assert not (tmp_path / "r.json").exists()
+    cfg = yaml.safe_load(train_config(tmp_path, tiny_llama).read_text())
+    cfg["data"]["sources"] = [{"path": str(bad)}]
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
+    assert_one_line_error(dus("train", tmp_path / "cfg.yml", "-q"), "held.txt is not UTF-8")
+
+
+def _fail_replace_into(folder: Path, code: int, monkeypatch) -> None:
+    """Every rename into ``folder`` fails with ``code``, as on a read-only or full filesystem."""
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).parent == folder:
+            raise OSError(code, os.strerror(code), str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_plan_into_a_read_only_folder(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    _fail_replace_into(out, errno.EROFS, monkeypatch)
+    line = assert_one_line_error(dus("plan", tiny_llama, "--drop", 2, "-o", out / "r.yml"), "read-only")
+    assert str(out / "r.yml") in line and not list(out.iterdir())  # no temporary file left behind
+
+
+def test_full_disk_at_a_checkpoint_leaves_no_partial_checkpoint(tiny_llama, tmp_path, monkeypatch):
+    import accelerate
+
+    def save_state(self, output_dir, **k):
+        (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 1000)  # a partial write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(output_dir))
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    cfg = train_config(tmp_path, tiny_llama, max_steps=4, save_every=2)
+    assert_one_line_error(dus("train", cfg, "-q"), "could not write checkpoint step-0000002",
+                          "No space left on device", "the last complete checkpoint is none")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert ckpts.is_dir() and not list(ckpts.iterdir())  # the partial checkpoint is gone
+
+
+def test_a_layer_spec_with_a_gap_is_refused_unless_asked_for(tmp_path):
+    from dus_plugin.fixtures import make_tiny_model
+
+    base = make_tiny_model("llama", tmp_path / "base", layers=10)
+    assert_one_line_error(dus("plan", base, "--layers", "0:4,6:10", "-o", tmp_path / "r.yml"),
+                          "leaves out base layers [4, 5]", "--allow-gaps")
+    assert not (tmp_path / "r.yml").exists()
+    ok = dus_ok("plan", base, "--layers", "0:4,6:10", "--allow-gaps")
+    assert "s=8" in ok.stdout
+
+
+def test_plan_writes_a_relative_base_as_an_absolute_path(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(tiny_llama).parent)
+    dus_ok("plan", Path(tiny_llama).name, "--drop", 2, "-o", tmp_path / "r.yml")
+    models = {s["sources"][0]["model"] for s in yaml.safe_load((tmp_path / "r.yml").read_text())["slices"]}
+    assert models == {str(Path(tiny_llama).resolve())}
