@@ -67,6 +67,7 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
         raise HubError(f"refusing to push {folder}: it fails dus verify ({e})") from None
     revision = revision or "main"
     card = folder / "README.md"
+    _require_base_model(folder, card, allow_unlinked)  # a dry run refuses what the push would refuse
     if dry_run:  # changes nothing on disk: a card that is missing is listed as the one a push would write
         files = upload_listing(folder)
         return PushResult(repo_id, revision, files + ([("README.md (written by the push)", 0)]
@@ -76,19 +77,27 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
 
         write_card(folder)
         LOG.info("wrote %s (no card yet)", card)
-    _require_base_model(card, allow_unlinked)
     result = PushResult(repo_id, revision, upload_listing(folder))
     result.commit_url = _upload(folder, repo_id, private, revision, message or commit_message(folder), endpoint, token)
     return result
 
 
-def _require_base_model(card: Path, allow_unlinked: bool) -> None:
-    """A Hub reader must be able to follow the model to its base; publishing without that is a choice."""
+def _require_base_model(folder: Path, card: Path, allow_unlinked: bool) -> None:
+    """A Hub reader must be able to follow the model to its base; publishing without that is a choice.
+
+    Without a card yet, the one the push would write names the manifest's base id.
+    """
     from huggingface_hub import ModelCard
 
-    if allow_unlinked or ModelCard.load(card).data.base_model:
+    from dus_plugin.manifest import Manifest
+
+    if allow_unlinked:
         return
-    raise HubError(f"{card} names no base_model, so the Hub cannot link this model to its base; write the card "
+    if card.is_file() and ModelCard.load(card).data.base_model:
+        return
+    if not card.is_file() and (base := Manifest.read(folder).base) is not None and base.hub_id:
+        return
+    raise HubError(f"{card if card.is_file() else 'the card a push would write'} names no base_model, so the Hub cannot link this model to its base; write the card "
                    "with the base's Hub id (dus card --base-model ID, or base_model_id in a dus run recipe), "
                    "or set `allow_unlinked` to push without it", setting="allow_unlinked")
 

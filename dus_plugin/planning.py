@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from pydantic import BaseModel as Model
-from pydantic import ConfigDict
+from pydantic import ConfigDict, field_validator
 
 from dus_plugin.errors import BaseModelError, PlanError
 from dus_plugin.plan import DusPlan, layer_list_plan, layout_plan, parse_layers
@@ -41,6 +41,14 @@ class PlanOptions(Model):
     """Hub revision of the base."""
     tokenizer_source: Literal["auto", "base", "copy"] = "auto"
     """base: `tokenizer_source: base`; copy: omit it; auto: base unless the base pads its vocabulary."""
+
+    @field_validator("drop", "repeat")
+    @classmethod
+    def _at_least_one(cls, value: Optional[int]) -> Optional[int]:
+        # checked here, before the base is read, so a typo costs no model load
+        if value is not None and value < 1:
+            raise ValueError(f"must be at least 1 (got {value}); leave it out for the default")
+        return value
 
 
 @dataclass

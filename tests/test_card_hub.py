@@ -156,7 +156,7 @@ def test_push_to_a_branch_and_parent_commit_guard(upscaled, hub):
 
 
 def test_dry_run_lists_files_and_uploads_nothing(upscaled, hub):
-    r = dus("push", upscaled / "out", "--repo-id", "me/x", "--dry-run")
+    r = dus("push", upscaled / "out", "--repo-id", "me/x", "--dry-run", "--allow-unlinked")
     assert r.exit_code == 0, r.output
     assert "model.safetensors" in r.output and "would go to me/x@main" in r.output
     assert not hub.state.requests
@@ -236,9 +236,21 @@ def test_a_dry_run_changes_nothing_on_disk(upscaled, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(upscaled / "out", folder, ignore=shutil.ignore_patterns("README.md"))
     before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
-    r = dus("push", folder, "--repo-id", "me/x", "--dry-run")
+    r = dus("push", folder, "--repo-id", "me/x", "--dry-run", "--allow-unlinked")
     assert r.exit_code == 0 and "README.md (written by the push)" in r.output, r.output
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+
+
+def test_a_dry_run_refuses_what_the_push_refuses(upscaled, tmp_path, hub):
+    """A local base gives a card without base_model: the real push refuses it, so the dry run does too (issue 30)."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(upscaled / "out", folder, ignore=shutil.ignore_patterns("README.md"))
+    for args in ([], ["--dry-run"]):
+        assert_one_line_error(dus("push", folder, "--repo-id", "me/x", *args), "names no base_model",
+                              "--allow-unlinked")
+    assert not hub.state.requests
 
 
 def test_push_to_an_unreachable_hub_is_one_line(upscaled, tmp_path, monkeypatch):

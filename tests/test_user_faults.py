@@ -101,3 +101,17 @@ def test_plan_writes_a_relative_base_as_an_absolute_path(tiny_llama, tmp_path, m
     dus_ok("plan", Path(tiny_llama).name, "--drop", 2, "-o", tmp_path / "r.yml")
     models = {s["sources"][0]["model"] for s in yaml.safe_load((tmp_path / "r.yml").read_text())["slices"]}
     assert models == {str(Path(tiny_llama).resolve())}
+
+
+def test_an_argument_error_loads_no_heavy_library():
+    """`dus plan BASE --drop 0` is refused before torch, transformers or mergekit are imported (issue 30: each
+    command spent 8-9 CPU seconds starting; measured after the fix: 0.4 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom dus_plugin.cli import main\n"
+            "r = CliRunner().invoke(main, ['plan', 'some/base', '--drop', '0'])\n"
+            "assert r.exit_code != 0 and '--drop' in r.output, r.output\n"
+            "print(sorted({'torch', 'transformers', 'mergekit'} & {m.split('.')[0] for m in sys.modules}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
