@@ -14,6 +14,7 @@ from typing import Any, Callable
 import click
 
 from dus_plugin.logs import silence_benign
+from dus_plugin.threads import share_cpus_politely
 from dus_plugin.errors import DusError, Interrupted
 from dus_plugin.options import for_command, model_options, pop_model
 from dus_plugin.planning import PlanOptions
@@ -70,6 +71,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def main(verbose: bool) -> None:
     """Depth up-scaling (SOLAR) of language models through mergekit."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    share_cpus_politely()
     silence_benign()
     if not verbose:
         # transformers resets its logger's level when it is imported (later, lazily): tell it by env

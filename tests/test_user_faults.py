@@ -115,3 +115,16 @@ def test_an_argument_error_loads_no_heavy_library():
             "print(sorted({'torch', 'transformers', 'mergekit'} & {m.split('.')[0] for m in sys.modules}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_dus_processes_let_idle_threads_sleep(monkeypatch):
+    """OpenMP threads that spin when idle starve a shared machine (issue 30); a user's own setting is kept."""
+    from dus_plugin.threads import share_cpus_politely
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    dus("plan", "some/base", "--drop", "0")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    share_cpus_politely()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -9,9 +9,11 @@ import sys
 
 from dus_plugin.errors import DusError, Interrupted
 from dus_plugin.logs import silence_benign
+from dus_plugin.threads import share_cpus_politely
 
 
 def main(argv: list[str] | None = None) -> int:
+    share_cpus_politely()
     parser = argparse.ArgumentParser(prog="python -m dus_plugin.train", description="Continued pretraining of a DUS model.")
     parser.add_argument("config", help="training YAML (see configs/cpt_tiny.yml)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
