@@ -2,7 +2,8 @@
 
 Side by side in one run, the same short training (`cpt_tiny.yml` on the quickstart's 32-layer base), each timed
 alone and beside `--load` busy processes:
-  dus train                       the path users run (idle OpenMP threads sleep: OMP_WAIT_POLICY=PASSIVE)
+  dus train                         the path users run: on a busy machine idle OpenMP threads sleep
+                                    (OMP_WAIT_POLICY=PASSIVE), on an idle one they keep OpenMP's default
   the trainer without that setting  what `dus` did before issue 30 (OpenMP's default: idle threads spin first)
 Fair sharing of C cores among the training's threads and L busy processes predicts a slowdown of about
 (threads + L) / C at most; spinning threads make it far worse.
@@ -74,6 +75,7 @@ def main() -> None:
         workers = [mp.Process(target=busy, daemon=True) for _ in range(load)]
         for w in workers:
             w.start()
+        time.sleep(1)
         for name, cmd in paths.items():
             rows.setdefault(name, {})[f"load {load}"] = timed(cmd, cfg, work, base_env)
         for w in workers:

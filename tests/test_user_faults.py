@@ -117,14 +117,38 @@ def test_an_argument_error_loads_no_heavy_library():
     assert out.strip() == "[]"
 
 
-def test_dus_processes_let_idle_threads_sleep(monkeypatch):
-    """OpenMP threads that spin when idle starve a shared machine (issue 30); a user's own setting is kept."""
-    from dus_plugin.threads import share_cpus_politely
+def test_dus_processes_let_idle_threads_sleep_on_a_busy_machine(monkeypatch):
+    """OpenMP threads that spin when idle starve a shared machine (issue 30); on an idle one spinning is faster,
+    so the choice follows the load; a user's own setting is kept."""
+    import dus_plugin.threads as threads
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    monkeypatch.setattr(threads, "other_runnable", lambda: 0)
     dus("plan", "some/base", "--drop", "0")
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert "OMP_WAIT_POLICY" not in os.environ and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setattr(threads, "other_runnable", lambda: 2 * (os.cpu_count() or 1))
+    dus("plan", "some/base", "--drop", "0")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    share_cpus_politely()
+    threads.share_cpus_politely()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_the_runnable_count_sees_busy_processes():
+    import multiprocessing as mp
+
+    from dus_plugin.threads import other_runnable
+
+    workers = [mp.Process(target=_spin, daemon=True) for _ in range(3)]
+    for w in workers:
+        w.start()
+    try:
+        assert other_runnable() >= 2
+    finally:
+        for w in workers:
+            w.terminate()
+
+
+def _spin() -> None:
+    while True:
+        pass
