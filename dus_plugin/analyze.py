@@ -98,9 +98,11 @@ def analyze(model_dir: str | Path, texts: list[str], max_length: int = 512, max_
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dus_plugin.io import model_folder_problem
+
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise AnalyzeError(f"{path} is not a model folder (no config.json)")
+    if problem := model_folder_problem(path):
+        raise AnalyzeError(f"{problem}; pass the base's folder")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     ids = tok("\n\n".join(texts), add_special_tokens=False, return_tensors="pt")["input_ids"][0]

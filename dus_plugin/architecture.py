@@ -247,8 +247,10 @@ def layer_stack(config: Mapping[str, Any], tensor_names: Iterable[str] | None = 
     if tensor_names is not None:
         found = {stack.index(t) for t in tensor_names} - {None}
         if found != set(range(n)):
-            raise BaseModelError(f"the checkpoint's tensors under {stack.prefix}N cover layers {sorted(found)[:5]}..., "
-                                 f"not the {n} layers the config states; re-save the model with transformers")
+            layers = sorted(found)
+            covered = f"{len(layers)} layers ({layers[0]}..{layers[-1]})" if layers else "no layer"
+            raise BaseModelError(f"the checkpoint's tensors under {stack.prefix}N cover {covered}, not the {n} layers "
+                                 "the config states; re-save the model with transformers")
     return stack
 
 

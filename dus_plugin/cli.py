@@ -227,6 +227,10 @@ def eval_(paths: tuple[Path, ...], texts: tuple[Path, ...], max_length: int | No
     from dus_plugin.eval.run import evaluate
 
     path = output or res.default_result_path(model, label)
+    from dus_plugin.io import check_writable, model_folder_problem
+
+    if not model_folder_problem(model):  # else evaluate names the problem, and no folder is made for it
+        check_writable(path)  # before the evaluation, so a read-only location loses no result
     result = evaluate(model, texts=list(texts), tasks=tasks, include_paths=list(include_path),
                       use_default_tasks=not no_default_tasks, limit=limit, batch_size=batch_size,
                       max_length=max_length, stride=stride, label=label, progress=not quiet, save_to=path)

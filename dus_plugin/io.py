@@ -36,6 +36,27 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_folder_problem(path: str | Path) -> str | None:
+    """What keeps ``path`` from being a model folder, said plainly (missing, or no config.json); None if it is one."""
+    p = Path(path)
+    if not p.is_dir():
+        return f"{p} does not exist"
+    if not (p / "config.json").is_file():
+        return f"{p} has no config.json, so it is not a model folder"
+    return None
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise the OSError a later write to ``path`` would meet (read-only, no permission, full), before the work
+    whose result it would hold is done."""
+    import tempfile
+
+    parent = Path(path).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=parent, prefix=".dus-probe-"):
+        pass
+
+
 def not_utf8(path: str | Path, error: UnicodeDecodeError) -> str:
     """The one-line reason and fix for a text file that is not UTF-8."""
     bad = error.object[error.start:error.start + 1].hex()

@@ -143,7 +143,7 @@ def load_run_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -
     try:
         r = RunRecipe.model_validate(_resolve_pkg(data))
     except ValidationError as e:
-        raise RecipeError(first_error(e, str(path))) from None
+        raise RecipeError(first_error(e, str(path), overrides=overrides)) from None
     return r
 
 
@@ -153,7 +153,7 @@ def _train_file(recipe: Path, name: str) -> dict[str, Any]:
                              "give a training YAML beside the recipe or the training fields inline")
 
 
-def train_config(r: RunRecipe, where: str):
+def train_config(r: RunRecipe, where: str, overrides: dict[str, Any] | None = None):
     """The training stage's config: the recipe's train fields, with model and output_dir set by the run."""
     from dus_plugin.train.config import TrainConfig
 
@@ -161,7 +161,7 @@ def train_config(r: RunRecipe, where: str):
     try:
         cfg = TrainConfig.model_validate({**r.train, "model": str(out / "upscaled"), "output_dir": str(out / "train")})
     except ValidationError as e:
-        raise RecipeError(first_error(e, f"{where} (train)")) from None
+        raise RecipeError(first_error(e, f"{where} (train)", overrides=overrides, prefix="train.")) from None
     if r.launch:  # checked now, not after the stages before training
         cfg.grad_accum(launch_processes(r.launch, where))
     return cfg
@@ -193,7 +193,7 @@ def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: 
 
     r = load_run_recipe(recipe_path, overrides)
     out = Path(r.output_dir)
-    train_cfg = train_config(r, str(recipe_path))
+    train_cfg = train_config(r, str(recipe_path), overrides)
     runner = StageRunner(out, _stages(r, train_cfg, out, push, quiet, str(recipe_path)), echo, restart)
     try:
         runner.run_all()

@@ -19,10 +19,27 @@ def field_path(loc: tuple[Any, ...]) -> str:
     return out or "<top level>"
 
 
-def first_error(e: Any, where: str, unknown_hint: str = "unknown key (misspelled?)") -> str:
-    """'<where>: field <path>: <message>' for the first error of a pydantic ValidationError."""
+def first_error(e: Any, where: str, unknown_hint: str = "unknown key (misspelled?)",
+                overrides: dict[str, Any] | None = None, prefix: str = "") -> str:
+    """'<where>: field <path>: <message>' for the first error of a pydantic ValidationError.
+
+    When the field came from ``overrides`` (`--set KEY=VALUE`, nested; ``prefix`` is where the validated
+    mapping sits in them), the line blames the --set, not the file.
+    """
     err = e.errors()[0]
+    key = prefix + field_path(err["loc"])
+    if key in _dotted(overrides or {}):
+        return f"--set {key}: {_message(err, unknown_hint)} (the recipe file was not the cause)"
     return f"{where}: field {field_path(err['loc'])}: {_message(err, unknown_hint)}"
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in tree.items():
+        keys.add(prefix + k)
+        if isinstance(v, dict):
+            keys |= _dotted(v, f"{prefix}{k}.")
+    return keys
 
 
 def _message(err: dict[str, Any], unknown_hint: str = "unknown key (misspelled?)") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +58,9 @@ def default_result_path(model_dir: str | Path, label: str | None) -> Path:
 
 
 def save_result(result: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    from dus_plugin.io import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def load_result(path: str | Path) -> dict[str, Any]:

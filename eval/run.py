@@ -8,6 +8,7 @@ from typing import Any
 from dus_plugin.eval.perplexity import EvalError, perplexity, read_texts
 from dus_plugin.errors import NetworkError
 from dus_plugin.eval.results import make_result, save_result
+from dus_plugin.io import model_folder_problem
 from dus_plugin.network import is_network_error, unreachable
 
 
@@ -16,8 +17,8 @@ def load_model(model_dir: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise EvalError(f"{path} is not a model folder (no config.json); pass the folder made by dus upscale or train")
+    if problem := model_folder_problem(path):
+        raise EvalError(f"{problem}; pass the folder made by dus upscale or train")
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32,
                                                  device_map="cuda" if cuda else None)

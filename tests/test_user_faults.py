@@ -5,6 +5,7 @@ a full disk are injected at the write itself, because the tests run as root, for
 """
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -152,3 +153,58 @@ def test_the_runnable_count_sees_busy_processes():
 def _spin() -> None:
     while True:
         pass
+
+
+def test_the_estimate_reads_in_one_unit_with_a_readable_count(tiny_llama, tmp_path):
+    out = dus_ok("train", train_config(tmp_path, tiny_llama), "--estimate").output
+    head, *rows = [line for line in out.splitlines() if line.strip()][:6]
+    assert "0.00B" not in head and "K parameters" in head, head
+    assert len({row.split()[-1] for row in rows}) == 1, rows  # weights .. total, all MB (or all GB)
+
+
+def test_a_config_with_more_layers_than_tensors_says_how_many_the_tensors_cover(tmp_path):
+    from dus_plugin.fixtures import make_tiny_model
+
+    base = make_tiny_model("llama", tmp_path / "base", layers=5)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["num_hidden_layers"] = 8
+    (base / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(dus("plan", base, "--drop", 2), "cover 5 layers (0..4), not the 8 layers")
+
+
+def test_eval_into_a_read_only_location_fails_before_it_computes(tiny_llama, tmp_path, monkeypatch):
+    import tempfile
+
+    import dus_plugin.eval.run as run
+
+    ro = tmp_path / "ro"
+    real = tempfile.NamedTemporaryFile
+
+    def probe(*a, dir=None, **k):
+        if dir is not None and Path(dir) == ro:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", probe)
+    monkeypatch.setattr(run, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("evaluated")))
+    held = tmp_path / "held.txt"
+    held.write_text(CORPUS.read_text()[:2000])
+    assert_one_line_error(dus("eval", tiny_llama, "--text", held, "-q", "-o", ro / "r.json"), "read-only", str(ro))
+
+
+def test_a_misspelled_set_key_is_blamed_on_the_set_not_the_recipe(tmp_path):
+    recipe = yaml.safe_load((REPO / "configs" / "quickstart.yml").read_text())
+    recipe["output_dir"] = str(tmp_path / "qs")
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    for key in ("train.max_step=5", "upscale.dropp=4"):
+        line = assert_one_line_error(dus("run", tmp_path / "r.yml", "--set", key), f"--set {key.split('=')[0]}",
+                                     "unknown key")
+        assert str(tmp_path / "r.yml") not in line
+    assert not (tmp_path / "qs").exists()
+
+
+def test_eval_and_analyze_say_a_folder_does_not_exist(tmp_path):
+    held = tmp_path / "held.txt"
+    held.write_text(CORPUS.read_text()[:2000])
+    for cmd in (["eval", tmp_path / "nope", "--text", held], ["analyze", tmp_path / "nope", "--text", held]):
+        assert_one_line_error(dus(*cmd), f"{tmp_path / 'nope'} does not exist")

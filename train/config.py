@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dus_plugin.errors import DusError, TrainConfigError
-from dus_plugin.io import read_yaml_mapping
+from dus_plugin.io import model_folder_problem, read_yaml_mapping
 from dus_plugin.validation import first_error
 
 
@@ -211,13 +211,9 @@ class TrainConfig(Strict):
 
 def check_model_folder(model: str) -> None:
     """The model is a local folder with a config.json; a missing one is never looked up on the Hub."""
-    path = Path(model)
-    if not path.is_dir():
-        raise TrainConfigError(f"model folder {model} does not exist; set `model` to the folder `dus upscale` wrote "
+    if problem := model_folder_problem(model):
+        raise TrainConfigError(f"model folder {problem}; set `model` to the folder `dus upscale` wrote "
                                "(e.g. `dus upscale configs/dus_solar.yml out/dus` first)", setting="model")
-    if not (path / "config.json").is_file():
-        raise TrainConfigError(f"model folder {model} has no config.json, so it is not a model folder; set `model` to "
-                               "the folder `dus upscale` wrote", setting="model")
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:

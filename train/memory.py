@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from dus_plugin.plan import human_count
 from dus_plugin.train.config import TrainConfig, check_model_folder
 
 GB = 1e9
@@ -85,17 +86,21 @@ class MemoryEstimate:
     def table(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer states", self.optimizer),
                 ("activations", self.activations), ("total", self.total)]
-        head = (f"memory estimate per device: {self.params / 1e9:.2f}B parameters, {self.trainable / 1e9:.2f}B "
+        head = (f"memory estimate per device: {human_count(self.params)} parameters, {human_count(self.trainable)} "
                 f"trained, {self.processes} process(es), {self.distributed_type}")
-        return "\n".join([head] + [f"  {name:<17}{size(value):>10}" for name, value in rows])
+        unit = self.total
+        return "\n".join([head] + [f"  {name:<17}{size(value, unit):>10}" for name, value in rows])
 
     def parts(self) -> str:
-        return (f"weights {size(self.weights)}, gradients {size(self.gradients)}, optimizer {size(self.optimizer)}, "
-                f"activations {size(self.activations)}")
+        unit = self.total
+        return (f"weights {size(self.weights, unit)}, gradients {size(self.gradients, unit)}, optimizer "
+                f"{size(self.optimizer, unit)}, activations {size(self.activations, unit)}")
 
 
-def size(n: float) -> str:
-    return f"{n / GB:.1f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+def size(n: float, unit_of: float | None = None) -> str:
+    """GB, or MB below 0.1 GB; ``unit_of`` picks the unit for a whole table, so its rows read in one unit."""
+    ref = n if unit_of is None else unit_of
+    return f"{n / GB:.1f} GB" if ref >= 0.1 * GB else f"{n / 1e6:.1f} MB"
 
 
 def model_shape(cfg: TrainConfig) -> ModelShape:
