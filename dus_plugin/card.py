@@ -136,7 +136,7 @@ def build_card(folder: str | Path, base_model: str | None = None, license: str |
         raise CardError(str(e)) from None
     train = manifest.last_train
     base_id = base_model or (manifest.base.hub_id if manifest.base else None)
-    if base_id is None:
+    if base_id is None and not _shipped_base(manifest):  # the quickstart's own base has no Hub id to give
         LOG.warning("the base is a local folder, so the card cannot link it: set `base_model` (its Hub id)")
     title = title or default_title(manifest, base_id)
     all_results = _results(folder, list(results))
@@ -180,10 +180,23 @@ def _recipe_files(folder: Path, manifest: Manifest, base_id: str | None) -> dict
         config["data"].pop("cache_dir", None)
         if config.get("eval", {}).get("text_files"):
             config["eval"] = {**config["eval"], "text_files": [Path(f).name for f in config["eval"]["text_files"]]}
-        files[TRAIN_FILE] = yaml.safe_dump(config, sort_keys=False)
+        local = [s["path"] for s in config["data"]["sources"] if not s["path"].startswith("hf:")]
+        local += config.get("eval", {}).get("text_files", [])
+        header = "".join(["# This config reads files that are not published with the model:\n"]
+                         + [f"#   {name}\n" for name in local]
+                         + ["# Put them beside this file, or point the paths at your own copies.\n"]) if local else ""
+        files[TRAIN_FILE] = header + yaml.safe_dump(config, sort_keys=False)
     for name, text in files.items():
         atomic_write_text(folder / name, text)
     return files
+
+
+def _shipped_base(manifest: Manifest) -> bool:
+    """The base is a folder inside the installed package (the quickstart's)."""
+    import dus_plugin
+
+    local = manifest.base.local_path if manifest.base else None
+    return bool(local) and Path(local).resolve().is_relative_to(Path(dus_plugin.__file__).resolve().parent)
 
 
 def _local_paths(folder: Path, manifest: Manifest) -> list[str]:

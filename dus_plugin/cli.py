@@ -107,8 +107,9 @@ def plan(base: str, output: Path | None, as_json: bool, **options: Any) -> None:
     if output is not None:
         from dus_plugin.io import atomic_write_text
 
+        replaced = output.exists()
         atomic_write_text(output, planned.render(plan_options.method, command=["dus", *sys.argv[1:]]))
-        click.echo(f"wrote {output}", err=True)
+        click.echo(f"wrote {output}" + (" (it replaced the file that was there)" if replaced else ""), err=True)
 
 
 @main.command()

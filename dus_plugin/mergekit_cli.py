@@ -38,6 +38,17 @@ def _absolute(value: str, root: Path) -> str:
     return str(local.resolve()) + plus + lora if path and local.exists() else value
 
 
+def _one_base(doc: dict, config: Path) -> None:
+    """A passthrough stack is grown from one base: its per-layer settings follow that base's layer map, which
+    means nothing for slices of two models (a frankenmerge is stock mergekit's job)."""
+    models = {src.get("model") for sl in doc.get("slices") or [] if isinstance(sl, dict)
+              for src in sl.get("sources") or [] if isinstance(src, dict)}
+    if doc.get("merge_method") == "passthrough" and len(models) > 1:
+        raise RecipeError(f"{config} stacks slices of {len(models)} models ({', '.join(sorted(map(str, models)))}); "
+                          "dus grows one base, so give every slice the same model, or run stock `mergekit-yaml` for "
+                          "a merge of several models")
+
+
 def run(config: Path, out: Path, mergekit_args: list[str]) -> Path:
     """Run mergekit-yaml on ``config`` into ``out`` (atomically); returns ``out``."""
     from mergekit.scripts.run_yaml import main as mergekit_main
@@ -51,6 +62,7 @@ def run(config: Path, out: Path, mergekit_args: list[str]) -> Path:
     if doc.get("merge_method") == AVERAGE_METHOD:
         raise RecipeError(f"{config} averages layers (merge_method {AVERAGE_METHOD}, method average), which mergekit "
                           f"cannot do; run it with `dus upscale {config} {out}`")
+    _one_base(absolute_models(doc, Path.cwd()), config)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from pydantic import BaseModel as Model
-from pydantic import ConfigDict, field_validator
+from pydantic import ConfigDict
 
 from dus_plugin.errors import BaseModelError, PlanError
 from dus_plugin.plan import DusPlan, layer_list_plan, layout_plan, parse_layers
@@ -42,14 +42,6 @@ class PlanOptions(Model):
     tokenizer_source: Literal["auto", "base", "copy"] = "auto"
     """base: `tokenizer_source: base`; copy: omit it; auto: base unless the base pads its vocabulary."""
 
-    @field_validator("drop", "repeat")
-    @classmethod
-    def _at_least_one(cls, value: Optional[int]) -> Optional[int]:
-        # checked here, before the base is read, so a typo costs no model load
-        if value is not None and value < 1:
-            raise ValueError(f"must be at least 1 (got {value}); leave it out for the default")
-        return value
-
 
 @dataclass
 class PlannedRecipe:
@@ -67,6 +59,9 @@ class PlannedRecipe:
 
 def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     """Resolve the base, check that its family can be grown by this layer map, and build the recipe."""
+    for name in ("drop", "repeat"):  # before the base is read, so a typo costs no model load
+        if (value := getattr(options, name)) is not None and value < 1:
+            raise PlanError(f"`{name}` must be at least 1 (got {value}); leave it out for the default", setting=name)
     from dus_plugin.architecture import layer_stack, param_count, upscaled_config
     from dus_plugin.llamacpp import notes_for as llama_cpp_notes
     from dus_plugin.recipe import build_recipe

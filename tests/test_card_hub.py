@@ -88,6 +88,8 @@ def test_card_after_training_says_finetune(upscaled, tmp_path):
     assert_no_machine_paths(str(card), upscaled, tmp_path)
     trained_with = yaml.safe_load((final / "dus_train.yml").read_text())
     assert trained_with["model"] == "upscaled" and trained_with["data"]["sources"][0]["path"] == "tiny_corpus.txt"
+    # the text is not published with the model, and the file says so where a reader looks (issue 30)
+    assert "#   tiny_corpus.txt\n" in (final / "dus_train.yml").read_text() and not (final / "tiny_corpus.txt").exists()
     assert card.data.to_dict()["base_model_relation"] == "finetune"
     assert "continued-pretraining" in card.data.tags
     assert "tokens seen: 2,048" in card.text and "![loss curve](loss_curve.png)" in card.text
@@ -302,3 +304,22 @@ def test_the_commands_on_a_pushed_card_run_from_the_pushed_folder_alone(hub, tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     pushed, again = tensors(local), tensors(tmp_path / "again")
     assert pushed.keys() == again.keys() and all(torch.equal(pushed[k], again[k]) for k in pushed)
+
+
+def test_the_quickstart_base_draws_no_link_warning_but_a_local_copy_does(tmp_path, caplog):
+    """The shipped base has no Hub id its user could give, so warning on every quickstart run only alarms."""
+    import logging
+    import shutil
+
+    shipped = REPO / "dus_plugin" / "quickstart_data" / "base"
+    copy = tmp_path / "base"
+    shutil.copytree(shipped, copy)
+    warned = {}
+    for name, base in (("shipped", shipped), ("copy", copy)):
+        dus_ok("plan", base, "--drop", 8, "-o", tmp_path / f"{name}.yml")
+        dus_ok("upscale", tmp_path / f"{name}.yml", tmp_path / name, "-q", "--no-forward")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dus_plugin.card"):
+            build_card(tmp_path / name)
+        warned[name] = "cannot link" in caplog.text
+    assert warned == {"shipped": False, "copy": True}

@@ -208,3 +208,18 @@ def test_eval_and_analyze_say_a_folder_does_not_exist(tmp_path):
     held.write_text(CORPUS.read_text()[:2000])
     for cmd in (["eval", tmp_path / "nope", "--text", held], ["analyze", tmp_path / "nope", "--text", held]):
         assert_one_line_error(dus(*cmd), f"{tmp_path / 'nope'} does not exist")
+
+
+def test_mergekit_yaml_refuses_slices_of_two_models(tiny_models, tmp_path):
+    dus_ok("plan", tiny_models["llama"], "--drop", 2, "-o", tmp_path / "r.yml")
+    doc = yaml.safe_load((tmp_path / "r.yml").read_text())
+    doc["slices"][1]["sources"][0]["model"] = str(tiny_models["mistral"])
+    (tmp_path / "two.yml").write_text(yaml.safe_dump(doc))
+    assert_one_line_error(dus("mergekit-yaml", tmp_path / "two.yml", tmp_path / "out"), "stacks slices of 2 models",
+                          "stock `mergekit-yaml`")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_plan_says_when_it_replaces_a_file(tiny_llama, tmp_path):
+    assert "replaced" not in dus_ok("plan", tiny_llama, "--drop", 2, "-o", tmp_path / "r.yml").stderr
+    assert "it replaced the file that was there" in dus_ok("plan", tiny_llama, "--drop", 2, "-o", tmp_path / "r.yml").stderr
