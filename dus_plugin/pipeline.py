@@ -201,10 +201,18 @@ def run(recipe_path: str | Path, push: bool = False, quiet: bool = False, echo: 
         raise Interrupted(_interrupt_note(runner.current, out, command or f"dus run {recipe_path}")) from None
     paths = _paths(out)
     table = compare_table([load_result(p) for p in paths["results"]])
-    atomic_write_text(out / "summary.md", f"# {r.name}\n\n{table}\n")
     final = paths["final"]
-    return RunResult(table, {"model": final, "card": final / "README.md", "summary": out / "summary.md",
-                             "loss curve": final / "loss_curve.png", "metrics": out / "train" / "metrics.jsonl"})
+    outputs = {"model": final, "card": final / "README.md", "summary": out / "summary.md",
+               "loss curve": final / "loss_curve.png", "metrics": out / "train" / "metrics.jsonl"}
+    atomic_write_text(out / "summary.md", _summary_text(r.name, table, out, outputs, paths["results"]))
+    return RunResult(table, outputs)
+
+
+def _summary_text(name: str, table: str, out: Path, outputs: dict[str, Path], results: list[Path]) -> str:
+    """The table, then where each thing the run made lies (relative to the summary, so the folder can move)."""
+    where = [f"- {what}: `{path.relative_to(out)}`" for what, path in outputs.items() if what != "summary"]
+    where += [f"- result file: `{path.relative_to(out)}`" for path in results]
+    return f"# {name}\n\n{table}\n\n## Where everything is\n\n" + "\n".join(where) + "\n"
 
 
 def _paths(out: Path) -> dict[str, Any]:

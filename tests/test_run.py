@@ -42,6 +42,10 @@ def test_dus_run_without_a_recipe_chains_every_stage_and_resumes(tmp_path, monke
     again = CliRunner().invoke(main, ["run", "-q", *short], catch_exceptions=False)
     assert again.exit_code == 0 and again.output.count("from the same inputs, skipped") == 6
     assert f"model:      {out / 'train' / 'final'}" in again.output and f"summary:    {out / 'summary.md'}" in again.output
+    summary = (out / "summary.md").read_text()  # the table and where every result lies, relative to the summary
+    assert "| metric | base | upscaled | trained |" in summary and "- card: `train/final/README.md`" in summary
+    for rel in ("eval/base.json", "upscaled/eval/upscaled.json", "train/final/eval/trained.json"):
+        assert f"- result file: `{rel}`" in summary and (out / rel).is_file()
 
     # a changed eval setting redoes the evals only; training is kept
     evals = CliRunner().invoke(main, ["run", "-q", *short, "--set", "eval.max_length=32"], catch_exceptions=False)
