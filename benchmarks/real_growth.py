@@ -16,7 +16,7 @@ Corpus: benchmarks/real_corpus.py (python3-doc + linux-doc trained, git-doc neve
 State: WORK/real_growth.json after every run; `--resume-from` a results JSON skips the runs it already holds,
 so the study continues across time-limited GPU machines and sessions.
 
-  python benchmarks/real_growth.py --base DIR --corpus DIR --out OUTDIR [--arms a,b] [--seeds 0,1] [--jobs 3]
+  python benchmarks/real_growth.py --base DIR --corpus DIR --out OUTDIR [--arms a,b] [--seeds 0,1] [--runs a_base:1,...] [--jobs 3]
   python benchmarks/real_growth.py ... --tiny          # CPU smoke run of the same code (minutes)
   python benchmarks/real_growth.py --render benchmarks/results/real_growth.json --png docs/real_growth.png
 """
@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/dus-real-growth")
     ap.add_argument("--arms", default="all")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--runs", help="arm:seed,... run exactly these (instead of every arm x seed)")
     ap.add_argument("--jobs", type=int, default=3, help="runs at a time (each its own processes)")
     ap.add_argument("--resume-from", help="a real_growth.json whose finished runs are kept, not run again")
     ap.add_argument("--tiny", action="store_true")
@@ -231,6 +232,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     report = load_report([work / "real_growth.json"] + ([Path(args.resume_from)] if args.resume_from else []), s)
     names = list(ARMS) if args.arms == "all" else args.arms.split(",")
+    if args.runs:
+        pairs = [(n, int(k)) for n, _, k in (r.partition(":") for r in args.runs.split(","))]
+        names = [n for n, _ in pairs]
     if unknown := set(names) - set(ARMS):
         ap.error(f"unknown arms {sorted(unknown)}; choose from {', '.join(ARMS)}")
     import torch
@@ -248,8 +252,9 @@ def main() -> None:
     if "analysis" not in report:
         report["analysis"] = analyze_base(base, corpus, work, s, work / "analyze.log")
         save()
-    todo = [(n, k) for k in (int(x) for x in args.seeds.split(",")) for n in names
-            if str(k) not in report["arms"].get(n, {}).get("runs", {})]
+    if not args.runs:
+        pairs = [(n, k) for k in (int(x) for x in args.seeds.split(",")) for n in names]
+    todo = [(n, k) for n, k in pairs if str(k) not in report["arms"].get(n, {}).get("runs", {})]
     print(f"{len(todo)} runs to do: {todo}", flush=True)
 
     def one(name: str, seed: int) -> None:
