@@ -156,13 +156,14 @@ def make_model(folder: Path, layers: int, s: dict, tokenizer_dir: Path, seed: in
 
 
 def upscale_arm(base: Path, work: Path, name: str, spec: dict) -> Path:
+    from dus_plugin.architecture import num_layers
     from dus_plugin.plan import layer_list_plan, layout_plan, parse_layers
     from dus_plugin.recipe import build_recipe, render_recipe
     from dus_plugin.upscale import UpscaleOptions, upscale
 
-    cfg = json.loads((base / "config.json").read_text())
-    p = layer_list_plan(cfg, parse_layers(spec["layers"])) if "layers" in spec else \
-        layout_plan(cfg, spec.get("layout", "solar"), spec["drop"])
+    n = num_layers(json.loads((base / "config.json").read_text()))
+    p = layer_list_plan(n, parse_layers(spec["layers"])) if "layers" in spec else \
+        layout_plan(n, spec.get("layout", "solar"), spec["drop"])
     method = spec.get("method", "solar")
     recipe = work / f"{name}.yml"
     recipe.write_text(render_recipe(build_recipe(str(base), p, method=method), p, method=method))

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dus_plugin.errors import AnalyzeError, DusError
+from dus_plugin.errors import AnalyzeError
 
 
 SCOPE = ("the relative seam cost predicts the loss right after upscaling, not after continued pretraining: in "

@@ -1,4 +1,5 @@
-"""The decoder-layer stack of a model, read from transformers itself (no mergekit definitions).
+"""A base's architecture, read from transformers itself (no mergekit definitions): ``Architecture``, made once
+per base and handed down the stages, and the rules it applies.
 
 A DUS plan is a pure copy of tensors, so what it needs to know about a family is small:
 where the decoder layers live in the checkpoint (``model.layers.N``, ``transformer.h.N``,
@@ -15,52 +16,16 @@ import copy
 import logging
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence
 
-from dus_plugin.errors import BaseModelError, PlanError
+from dus_plugin.errors import BaseModelError, PlanError, first_line
+from dus_plugin.families import (ATTENTION_WRITER_LEAVES, MULTIMODAL, NOT_DECODER_ONLY, OUT_OF_SCOPE, POSITION_ATTRS,
+                                 WRITER_LEAVES)
 from dus_plugin.plan import ParamCount
 from dus_plugin.tensors import Regroup
 
 LOG = logging.getLogger(__name__)
-
-# Families outside the scope of DUS, with the reason a user is told (model_type -> reason).
-NOT_DECODER_ONLY = "an encoder (BERT-style) or encoder-decoder model, not a decoder-only LM"
-MULTIMODAL = "a multimodal wrapper; upscale its text model (the *ForCausalLM of its text config) instead"
-
-# model_type -> why dus refuses it (out of scope for depth up-scaling).
-OUT_OF_SCOPE: dict[str, str] = {
-    **{t: NOT_DECODER_ONLY for t in (
-        "bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus", "plbart",
-        "prophetnet", "trocr", "whisper", "musicgen", "musicgen_melody", "bert", "bert-generation", "big_bird",
-        "camembert", "data2vec-text", "electra", "ernie", "megatron-bert", "rembert", "roc_bert", "roformer",
-        "roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "xmod", "xlm", "xlnet", "reformer")},
-    **{t: MULTIMODAL for t in (
-        "blt", "fuyu", "gemma3", "gemma3n", "gemma4", "gemma4_unified", "git", "got_ocr2", "emu3", "mllama",
-        "phi4_multimodal", "qwen3_5", "qwen3_5_moe", "qwen4_exp", "dots3_note", "moss_transcribe_diarize", "moshi",
-        "llama4", "gemma4_assistant", "gemma4_unified_assistant")},
-}
-
-
-# Attributes a layer module keeps that name its own position; they differ between a copy and its
-# source by design (the KV-cache slot), so they are left out when layers are compared.
-POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "layer_num", "idx",
-                            "block_idx", "block_id"})
-# Leaf names of projections that add into the residual stream, across the families of transformers.
-WRITER_LEAVES = frozenset({"o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "Wo",
-                           "wo_b", "linear_out", "fc_out", "output_proj", "output_linear", "attention_out", "w_out",
-                           "o_proj_bias", "down_proj_bias", "per_layer_projection"})
-# Tensor names that show a layer scaling or mixing the residual stream itself (learned residual scales,
-# hyper-connections): zeroing its output projections does not make such a layer the identity.
-RESIDUAL_MIXERS = ("residual_scale", "residual_bias", "hc_attn_", "hc_ffn_")
-# Config settings whose layers pass their input into the residual stream through no weight (LongCat-Flash's
-# zero-computation experts return the token they are routed): no zeroed projection silences them.
-PASS_THROUGH_SETTINGS = {"zero_expert_num": "its MoE routes tokens to zero-computation experts that return their "
-                                            "input (zero_expert_num), which no weight can silence"}
-# Families whose layers normalise the residual stream after adding to it (post-LayerNorm).
-POST_NORM = {"openai-gpt": "each layer applies LayerNorm to the residual stream after adding to it (post-LN)"}
-# Leaf names that are residual writers only inside an attention or recurrent-mixing block.
-ATTENTION_WRITER_LEAVES = frozenset({"dense", "output"})
-
 
 @dataclass(frozen=True)
 class LayerStack:
@@ -88,6 +53,134 @@ class LayerStack:
 
     def to_dict(self) -> dict[str, str]:
         return {"prefix": self.prefix, "count_key": self.count_key}
+
+
+class Architecture:
+    """One base's architecture, resolved once and handed down the stages (as mergekit hands down ``arch_info``).
+
+    Made from the base's config.json. It holds the model transformers builds from it on the meta device (built
+    on first need, once) and the grown model of each layer map it is asked about, and answers what planning,
+    upscale, stream, verify and the trainer ask about the family: the layer count and its key, the layer stack,
+    the output config, parameter counts, tensors packed per layer, shared tensors and the scope refusal.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+        self._grown: dict[tuple[int, ...], Any] = {}
+
+    @property
+    def name(self) -> str:
+        return (self.config.get("architectures") or [self.config.get("model_type", "?")])[0]
+
+    @cached_property
+    def count_key(self) -> str:
+        return count_key(self.config)
+
+    @cached_property
+    def n(self) -> int:
+        return num_layers(self.config)
+
+    @cached_property
+    def refusal(self) -> str | None:
+        """Why the family is out of scope for DUS, or None."""
+        arch = (self.config.get("architectures") or [""])[0]
+        if arch and not arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return MULTIMODAL if "ConditionalGeneration" in arch else "not a decoder LM (*ForCausalLM)"
+        why = OUT_OF_SCOPE.get(self.config.get("model_type", ""))
+        if why:
+            return why
+        if getattr(config_object(self.config), "is_encoder_decoder", False):
+            return NOT_DECODER_ONLY
+        return None
+
+    def check_scope(self) -> None:
+        if self.refusal:
+            raise BaseModelError(f"the base is a {self.name}: {self.refusal}; DUS grows decoder-only LMs")
+
+    @cached_property
+    def meta(self):
+        """The base built on the meta device."""
+        return _build_meta(self.config)
+
+    @cached_property
+    def stack_path(self) -> str:
+        """The dotted module path of the decoder-layer list (``model.layers``)."""
+        self.check_scope()
+        return find_stack(self.meta, self.n)
+
+    @cached_property
+    def stack(self) -> LayerStack:
+        return LayerStack(self.stack_path + ".", self.count_key)
+
+    def check_tensor_names(self, names: Iterable[str]) -> None:
+        """BaseModelError unless the checkpoint's tensors cover exactly the layers the config states."""
+        found = {self.stack.index(t) for t in names} - {None}
+        if found != set(range(self.n)):
+            layers = sorted(found)
+            covered = f"{len(layers)} layers ({layers[0]}..{layers[-1]})" if layers else "no layer"
+            raise BaseModelError(f"the checkpoint's tensors under {self.stack.prefix}N cover {covered}, not the "
+                                 f"{self.n} layers the config states; re-save the model with transformers")
+
+    @cached_property
+    def shared_in_stack(self) -> frozenset[str]:
+        """Names of the stack's tensors that the model ties to another name (one module used by several layers)."""
+        prefix = self.stack.prefix
+        return frozenset(n for _, names in _names_by_tensor(self.meta) if len(names) > 1
+                         for n in names if n.startswith(prefix))
+
+    def upscaled_config(self, layer_map: Sequence[int]) -> dict[str, Any]:
+        """The output config.json dict, checked: every output layer is built exactly as its source layer."""
+        self.check_layers(layer_map)
+        return upscaled_config(self.config, layer_map)
+
+    def grown(self, layer_map: Sequence[int]):
+        """The output of ``layer_map`` built on the meta device (once per layer map)."""
+        key = tuple(layer_map)
+        if key not in self._grown:
+            self._grown[key] = _build_meta(upscaled_config(self.config, key))
+        return self._grown[key]
+
+    def check_layers(self, layer_map: Sequence[int]) -> None:
+        """PlanError unless every output layer is built exactly as its source layer (on the meta device)."""
+        out = self.grown(layer_map)
+        src_layers = self.meta.get_submodule(self.stack_path)
+        out_layers = out.get_submodule(find_stack(out, len(layer_map)))
+        cache: dict[int, list[tuple]] = {}
+        for i, s in enumerate(layer_map):
+            want = cache.setdefault(s, layer_signature(src_layers[s], self.n))
+            got = layer_signature(out_layers[i], len(layer_map))
+            if got != want:
+                raise PlanError(
+                    f"output layer {i} copies base layer {s}, but its config would build it differently "
+                    f"({first_difference(got, want)}); {type(self.meta).__name__}'s config cannot express this layer "
+                    "map: choose another drop or layer list")
+        self._packed(layer_map)  # refuses a shape change outside the stack it cannot regroup
+        _check_index_settings(self.config)
+
+    def _packed(self, layer_map: Sequence[int]) -> dict[str, tuple[int, int]]:
+        return packed_blocks(self.meta, self.grown(layer_map), self.stack_path)
+
+    def packed_per_layer(self, layer_map: Sequence[int]) -> dict[str, Regroup]:
+        """Tensors outside the stack packed one block per layer, each as the regrouping ``layer_map`` implies."""
+        return {name: Regroup(dim, block, tuple(layer_map)) for name, (dim, block) in self._packed(layer_map).items()}
+
+    def param_count(self, layer_map: Sequence[int]) -> ParamCount:
+        """The base's parameters per layer and outside the layers, counted on the model transformers builds.
+
+        A tensor tied or shared between layers (Zamba's shared block) counts once, outside the layers; a tensor
+        packed with one block per layer (found by growing ``layer_map``, a map the plan has checked) counts a
+        block in each layer."""
+        n, packed = self.n, self._packed(layer_map)
+        layers, outside = [0] * n, 0
+        for p, names in _names_by_tensor(self.meta):
+            homes = {self.stack.index(name) for name in names}
+            if len(homes) == 1 and None not in homes:
+                layers[homes.pop()] += p.numel()
+            elif names[0] in packed:
+                layers = [c + p.numel() // n for c in layers]
+            else:
+                outside += p.numel()
+        return ParamCount(outside, tuple(layers))
 
 
 def _config_class(model_type: str | None):
@@ -133,12 +226,7 @@ def config_object(config: Mapping[str, Any]):
     try:
         return cls.from_dict(data)
     except Exception as e:  # transformers validates configs with its own exception types
-        raise BaseModelError(f"transformers refuses the base's config.json: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+        raise BaseModelError(f"transformers refuses the base's config.json: {first_line(e)}") from None
 
 
 def model_class(config: Mapping[str, Any]):
@@ -158,30 +246,33 @@ def model_class(config: Mapping[str, Any]):
     return cls
 
 
-def meta_model(config: Mapping[str, Any]):
+META_BUILDS = 0
+"""Models this process has built on the meta device; a test holds one `dus upscale` with verify to two."""
+
+
+def _build_meta(config: Mapping[str, Any]):
     """The model built from ``config`` on the meta device: the module tree, no memory."""
+    global META_BUILDS
     import torch
 
     cls = model_class(config)
     cfg = config_object(config)
+    META_BUILDS += 1
     try:
         with torch.device("meta"):
             return cls(cfg)
     except Exception as e:
-        raise BaseModelError(f"transformers cannot build {cls.__name__} from this config: {_first_line(e)}") from None
+        raise BaseModelError(f"transformers cannot build {cls.__name__} from this config: {first_line(e)}") from None
 
 
-def scope_refusal(config: Mapping[str, Any]) -> str | None:
-    """Why a family is out of scope for DUS, or None."""
-    arch = (config.get("architectures") or [""])[0]
-    if arch and not arch.endswith(("ForCausalLM", "LMHeadModel")):
-        return MULTIMODAL if "ConditionalGeneration" in arch else "not a decoder LM (*ForCausalLM)"
-    why = OUT_OF_SCOPE.get(config.get("model_type", ""))
-    if why:
-        return why
-    if getattr(config_object(config), "is_encoder_decoder", False):
-        return NOT_DECODER_ONLY
-    return None
+def num_layers(config: Mapping[str, Any]) -> int:
+    """n, the layer count (under the key its config class maps num_hidden_layers to), or a PlanError."""
+    key = count_key(config)
+    n = get_path(config, key)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise PlanError(f"config.json has no usable {key} (got {n!r}); "
+                        "DUS needs a decoder LM config that states its layer count")
+    return n
 
 
 def find_stack(model: Any, n: int) -> str:
@@ -201,57 +292,12 @@ def find_stack(model: Any, n: int) -> str:
     return found[0]
 
 
-def param_count(config: Mapping[str, Any], layer_map: Sequence[int]) -> ParamCount:
-    """The base's parameters per layer and outside the layers, counted on the model transformers builds (on the
-    meta device). A tensor tied or shared between layers (Zamba's shared block) counts once, outside the layers;
-    a tensor packed with one block per layer (found by building the output of ``layer_map``, a map the plan has
-    checked) counts a block in each layer."""
-    from dus_plugin.plan import num_layers
-
-    n = num_layers(config)
-    model = meta_model(config)
-    path = find_stack(model, n)
-    stack = LayerStack(path + ".", count_key(config))
-    packed = _grown_blocks(model, path, config, layer_map)
-    layers, outside = [0] * n, 0
-    for p, names in _names_by_tensor(model):
-        homes = {stack.index(name) for name in names}
-        if len(homes) == 1 and None not in homes:
-            layers[homes.pop()] += p.numel()
-        elif names[0] in packed:
-            layers = [c + p.numel() // n for c in layers]
-        else:
-            outside += p.numel()
-    return ParamCount(outside, tuple(layers))
-
-
 def _names_by_tensor(model: Any) -> list[tuple[Any, list[str]]]:
     """Every parameter with all its names in the module tree: several where a tensor is tied or shared."""
     found: dict[int, tuple[Any, list[str]]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         found.setdefault(id(p), (p, []))[1].append(name)
     return list(found.values())
-
-
-def layer_stack(config: Mapping[str, Any], tensor_names: Iterable[str] | None = None) -> LayerStack:
-    """The base's layer stack, checked against its checkpoint's tensor names when given."""
-    from dus_plugin.plan import num_layers
-
-    why = scope_refusal(config)
-    if why:
-        arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
-        raise BaseModelError(f"the base is a {arch}: {why}; DUS grows decoder-only LMs")
-    n = num_layers(config)
-    model = meta_model(config)
-    stack = LayerStack(find_stack(model, n) + ".", count_key(config))
-    if tensor_names is not None:
-        found = {stack.index(t) for t in tensor_names} - {None}
-        if found != set(range(n)):
-            layers = sorted(found)
-            covered = f"{len(layers)} layers ({layers[0]}..{layers[-1]})" if layers else "no layer"
-            raise BaseModelError(f"the checkpoint's tensors under {stack.prefix}N cover {covered}, not the {n} layers "
-                                 "the config states; re-save the model with transformers")
-    return stack
 
 
 # --- residual writers (identity method) ------------------------------------------------------
@@ -268,15 +314,6 @@ def _is_writer(relative: str) -> bool:
     if leaf in ATTENTION_WRITER_LEAVES and any("attn" in p or "attention" in p for p in parents):
         return True
     return leaf == "value" and parents[-1:] == ["feed_forward"]  # RWKV's channel mix
-
-
-def shared_in_stack(config: Mapping[str, Any]) -> set[str]:
-    """Names of the stack's tensors that the model ties to another name (one module used by several layers)."""
-    from dus_plugin.plan import num_layers
-
-    model = meta_model(config)
-    stack = find_stack(model, num_layers(config)) + "."
-    return {n for _, names in _names_by_tensor(model) if len(names) > 1 for n in names if n.startswith(stack)}
 
 
 def writer_filters(layer_names: Sequence[str], shared: Iterable[str] = ()) -> list[str]:
@@ -373,11 +410,10 @@ def _show(v: Any) -> str:
     return str(v[0]) if isinstance(v, tuple) and len(v) == 1 else str(v)
 
 
-def upscaled_config(config: Mapping[str, Any], layer_map: Sequence[int], check: bool = True) -> dict[str, Any]:
+def upscaled_config(config: Mapping[str, Any], layer_map: Sequence[int]) -> dict[str, Any]:
     """The output config.json dict: layer count s, every per-layer setting by the layer map.
 
-    With ``check``, both models are built on the meta device and every output layer is compared
-    with its source layer; a layer the config cannot express raises PlanError naming it.
+    A rewrite of the dict alone; ``Architecture.check_layers`` proves that it builds every layer as its source.
     """
     from dus_plugin.configfix import remap_per_layer
 
@@ -393,8 +429,6 @@ def upscaled_config(config: Mapping[str, Any], layer_map: Sequence[int], check: 
     _sparse_step_as_list(holder, base_holder, n, layer_map)
     _residual_scale(holder, len(layer_map), n)
     _patterns_as_lists(holder, base_holder, n, layer_map)
-    if check:
-        check_layers(config, out, layer_map)
     return out
 
 
@@ -440,27 +474,6 @@ def _patterns_as_lists(out: dict, base: Mapping[str, Any], n: int, layer_map: Se
         out["block_types"] = [types[s] for s in layer_map]  # RecurrentGemma cycles this list
 
 
-def check_layers(base_config: Mapping[str, Any], out_config: Mapping[str, Any], layer_map: Sequence[int]) -> None:
-    """PlanError unless every output layer is built exactly as its source layer (on the meta device)."""
-    from dus_plugin.plan import num_layers
-
-    n = num_layers(base_config)
-    base, out = meta_model(base_config), meta_model(out_config)
-    src_layers = base.get_submodule(find_stack(base, n))
-    out_layers = out.get_submodule(find_stack(out, len(layer_map)))
-    cache: dict[int, list[tuple]] = {}
-    for i, s in enumerate(layer_map):
-        want = cache.setdefault(s, layer_signature(src_layers[s], n))
-        got = layer_signature(out_layers[i], len(layer_map))
-        if got != want:
-            raise PlanError(
-                f"output layer {i} copies base layer {s}, but its config would build it differently "
-                f"({first_difference(got, want)}); {type(base).__name__}'s config cannot express this layer map: "
-                "choose another drop or layer list")
-    packed_blocks(base, out, find_stack(base, n))  # refuses a shape change outside the stack it cannot regroup
-    _check_index_settings(base_config)
-
-
 def packed_blocks(base, out, stack: str) -> dict[str, tuple[int, int]]:
     """Tensors outside the stack that pack one block per layer: name -> (dimension, block size).
 
@@ -482,22 +495,6 @@ def packed_blocks(base, out, stack: str) -> dict[str, tuple[int, int]]:
                             f"not one block per layer; {type(base).__name__} cannot be depth-upscaled here")
         packed[name] = (d, want[name][d] // n)
     return packed
-
-
-def packed_per_layer(config: Mapping[str, Any], layer_map: Sequence[int]) -> dict[str, Regroup]:
-    """``packed_blocks`` for a base config and a layer map (both models built on the meta device), each as the
-    regrouping of its blocks that the layer map implies."""
-    from dus_plugin.plan import num_layers
-
-    base = meta_model(config)
-    blocks = _grown_blocks(base, find_stack(base, num_layers(config)), config, layer_map)
-    return {name: Regroup(dim, block, tuple(layer_map)) for name, (dim, block) in blocks.items()}
-
-
-def _grown_blocks(base: Any, stack: str, config: Mapping[str, Any],
-                  layer_map: Sequence[int]) -> dict[str, tuple[int, int]]:
-    """``packed_blocks`` of ``base`` (built from ``config``, its stack at ``stack``) against the output it grows to."""
-    return packed_blocks(base, meta_model(upscaled_config(config, layer_map, check=False)), stack)
 
 
 def _check_index_settings(base_config: Mapping[str, Any]) -> None:

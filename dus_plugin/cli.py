@@ -16,8 +16,10 @@ import click
 from dus_plugin.logs import silence_benign
 from dus_plugin.threads import share_cpus_politely
 from dus_plugin.errors import DusError, Interrupted
+from dus_plugin.eval.settings import FLAGS as EVAL_FLAGS
+from dus_plugin.eval.settings import EvalSettings
 from dus_plugin.options import for_command, model_options, pop_model
-from dus_plugin.planning import PlanOptions
+from dus_plugin.planner import PlanOptions
 from dus_plugin.upscale import EngineOptions
 
 LOG = logging.getLogger("dus_plugin")
@@ -97,7 +99,7 @@ def plan(base: str, output: Path | None, as_json: bool, **options: Any) -> None:
     --layout and --method choose where the copies go and how they start; which to pick, measured side by
     side: docs/reproduction.md, "Growth operators: which to choose"."""
     from dus_plugin.plan import format_layer_map
-    from dus_plugin.planning import make_recipe
+    from dus_plugin.planner import make_recipe
 
     plan_options = pop_model(PlanOptions, options)
     planned = make_recipe(base, plan_options)
@@ -196,23 +198,17 @@ def _estimate(cfg, processes: int, distributed_type: str | None) -> str:
 
 @main.command("eval")
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--text", "texts", multiple=True, type=click.Path(path_type=Path), help="Held-out text file (repeatable).")
-@click.option("--max-length", type=int, default=None, help="Perplexity window in tokens [default: min(context, 512)].")
-@click.option("--stride", type=int, default=None, help="Window step [default: half a window].")
-@click.option("--tasks", default=None, help="lm-eval tasks: h6, or task[:shots[:metric]],... (needs the [eval] extra).")
-@click.option("--include-path", multiple=True, help="Folder of extra lm-eval task YAMLs (repeatable).")
+@model_options(EvalSettings, flags=EVAL_FLAGS)
 @click.option("--no-default-tasks", is_flag=True, help="Index only --include-path tasks (faster start).")
 @click.option("--limit", type=float, default=None, help="lm-eval: examples per task (for smoke runs).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--label", default=None, help="Column name in tables [default: base / upscaled / trained].")
 @click.option("--compare", is_flag=True, help="PATHS are result files: print their before/after table.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the result JSON here [default: MODEL/eval/<label>.json; ./eval/ for a model shipped in the package].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
-def eval_(paths: tuple[Path, ...], texts: tuple[Path, ...], max_length: int | None, stride: int | None, tasks: str | None,
-          include_path: tuple[str, ...], no_default_tasks: bool, limit: float | None, batch_size: int,
-          label: str | None, compare: bool, output: Path | None, quiet: bool) -> None:
+def eval_(paths: tuple[Path, ...], no_default_tasks: bool, limit: float | None, label: str | None, compare: bool,
+          output: Path | None, quiet: bool, **options: Any) -> None:
     """Evaluate a model folder (perplexity on --text, lm-eval --tasks) into a result JSON;
     or, with --compare, print the table of result files: dus eval --compare base.json up.json."""
     from dus_plugin.eval import results as res
@@ -222,7 +218,8 @@ def eval_(paths: tuple[Path, ...], texts: tuple[Path, ...], max_length: int | No
             raise click.UsageError("--compare needs result files, e.g. dus eval --compare base.json trained.json")
         click.echo(res.compare_table([res.load_result(p) for p in paths]))
         return
-    if len(paths) != 1 or not (texts or tasks):
+    settings = pop_model(EvalSettings, options)
+    if len(paths) != 1 or not (settings.text_files or settings.tasks):
         raise click.UsageError("give one MODEL folder with --text and/or --tasks, or --compare FILE...")
     model = paths[0]
     from dus_plugin.eval.run import evaluate
@@ -232,9 +229,8 @@ def eval_(paths: tuple[Path, ...], texts: tuple[Path, ...], max_length: int | No
 
     if not model_folder_problem(model):  # else evaluate names the problem, and no folder is made for it
         check_writable(path)  # before the evaluation, so a read-only location loses no result
-    result = evaluate(model, texts=list(texts), tasks=tasks, include_paths=list(include_path),
-                      use_default_tasks=not no_default_tasks, limit=limit, batch_size=batch_size,
-                      max_length=max_length, stride=stride, label=label, progress=not quiet, save_to=path)
+    result = evaluate(model, settings, use_default_tasks=not no_default_tasks, limit=limit, label=label,
+                      progress=not quiet, save_to=path)
     click.echo(res.compare_table([result]))
     click.echo(f"wrote {path}", err=True)
 

@@ -12,16 +12,9 @@ import contextlib
 import logging
 from typing import Any, Iterator, Sequence
 
+from dus_plugin.families import LAYER_INDEX_KEYS, PER_LAYER_KEYS
+
 LOG = logging.getLogger(__name__)
-
-# Per-layer lists known in transformers configs; any other list of length n whose name
-# mentions "layer" is remapped too (and logged), since it can only be indexed by layer.
-PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sliding_window_layers", "indexer_types",
-                  "intermediate_size", "activation_sparsity_pattern")  # the last two: Gemma 3n
-# Lists of layer *indices* (not per-layer values): remapped to the output indices they cover.
-LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "hybrid_layer_ids", "full_attn_layers", "linear_attn_layers",
-                    "swa_layers", "global_attn_layers", "sliding_window_layers_idx")
-
 
 def _sub_config(cfg: Any, layers_key: str) -> tuple[Any, str]:
     """The (sub)config object that holds ``layers_key`` (e.g. ``text_config.num_hidden_layers``)."""

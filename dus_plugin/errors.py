@@ -10,6 +10,12 @@ from __future__ import annotations
 from typing import Mapping
 
 
+def first_line(e: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error quotes from a library's exception."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 class DusError(Exception):
     """Base class of every error dus-plugin raises on purpose."""
 
@@ -106,3 +112,11 @@ class GgufPatchError(DusError, ValueError):
 
 class PretrainedFetchError(DusError, RuntimeError):
     """The real pretrained base (a wheel on the package index) could not be fetched."""
+
+
+class StreamUnsupported(DusError):
+    """This model cannot be run one module at a time (verify's streamed forward pass); load it whole instead."""
+
+
+class ShapeMismatch(DusError):
+    """A tensor in the files does not have the shape the model class gives it."""

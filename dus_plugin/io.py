@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# A tokenizer folder has tokenizer_config.json and one of these (the fast tokenizer, or a sentencepiece model).
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model")
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)

@@ -152,14 +152,14 @@ def notes_for(base_config: Mapping[str, Any], layer_map: Sequence[int]) -> list[
     For a SOLAR map the other overlaps m are tried too, so a line can name the ones that avoid a problem.
     A difference the base itself already has in llama.cpp is not blamed on the upscale.
     """
-    from dus_plugin.architecture import upscaled_config
+    from dus_plugin.architecture import num_layers, upscaled_config
     from dus_plugin.plan import recognise, solar_plan
 
-    found = compat(upscaled_config(base_config, layer_map, check=False))
-    plan = recognise(base_config, layer_map)
+    found = compat(upscaled_config(base_config, layer_map))
+    plan = recognise(num_layers(base_config), layer_map)
     if plan.layout == "solar" and (found.needs_patch or found.mismatch):
-        others = {k: compat(upscaled_config(base_config, solar_plan(base_config, k).layer_map, check=False))
-                  for k in range(1, (plan.n + 1) // 2) if k != plan.overlap}
+        others = {k: compat(upscaled_config(base_config, solar_plan(plan.n, k).layer_map))
+                  for k in range(1, (plan.n + 1) // 2) if k != plan.m}
         found.overlaps_without_patch = [k for k, c in others.items() if not c.needs_patch]
         found.overlaps_without_mismatch = [k for k, c in others.items() if not c.mismatch]
     base_mismatch = compat(base_config).mismatch

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from dus_plugin.errors import NetworkError, OutputExistsError, RecipeError, UpscaleError
+from dus_plugin.errors import NetworkError, OutputExistsError, RecipeError, UpscaleError, first_line
 from dus_plugin.io import read_yaml_mapping
 from dus_plugin.recipe import AVERAGE_METHOD
 
@@ -78,8 +78,7 @@ def run(config: Path, out: Path, mergekit_args: list[str]) -> Path:
     except NETWORK_ERRORS as e:
         raise NetworkError(unreachable("the Hub", f"running mergekit on {config}", e)) from None
     except Exception as e:  # mergekit's own failure, e.g. a corrupt shard: one line, and no OUT
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UpscaleError(f"mergekit failed on {config}: {type(e).__name__}: {first}; nothing was written to "
+        raise UpscaleError(f"mergekit failed on {config}: {first_line(e)}; nothing was written to "
                            f"{out}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+from dus_plugin.errors import first_line
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -35,8 +36,7 @@ HINTS = {
 def unreachable(role: str, doing: str, error: BaseException, endpoint: str | None = None) -> str:
     """'could not reach the Hub (https://…) while pushing to me/x: ConnectError: …; check …'."""
     where = f" ({endpoint})" if endpoint else ""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"could not reach {role}{where} while {doing}: {type(error).__name__}: {text}; {HINTS[role]}"
+    return f"could not reach {role}{where} while {doing}: {first_line(error)}; {HINTS[role]}"
 
 
 def is_network_error(error: BaseException) -> bool:

@@ -30,15 +30,20 @@ def _click_type(annotation: Any) -> Any:
     return int if annotation is int else str
 
 
-def model_options(model: type[BaseModel], short: dict[str, str] | None = None) -> Callable[[F], F]:
-    """One click option per field of ``model``."""
-    short = short or {}
+def model_options(model: type[BaseModel], short: dict[str, str] | None = None,
+                  flags: dict[str, str] | None = None) -> Callable[[F], F]:
+    """One click option per field of ``model``; ``flags`` renames a field's flag (``text_files`` -> ``--text``),
+    and a list field is a repeatable flag."""
+    short, flags = short or {}, flags or {}
 
     def decorate(fn: F) -> F:
         for name, field in reversed(model.model_fields.items()):
-            decls = [flag(name), *([short[name]] if name in short else []), name]
+            decls = [flags.get(name, flag(name)), *([short[name]] if name in short else []), name]
             if field.annotation is bool:  # a switch, off unless given
                 fn = click.option(*decls, is_flag=True, default=field.default, help=field.description)(fn)
+                continue
+            if typing.get_origin(field.annotation) is list:
+                fn = click.option(*decls, multiple=True, help=field.description)(fn)
                 continue
             fn = click.option(*decls, type=_click_type(field.annotation), default=field.default,
                               show_default=field.default is not None, help=field.description)(fn)
@@ -49,7 +54,8 @@ def model_options(model: type[BaseModel], short: dict[str, str] | None = None) -
 
 def pop_model(model: type[M], kwargs: dict[str, Any]) -> M:
     """Take ``model``'s fields out of a command's kwargs and validate them (errors name the setting)."""
-    return validated(model, RecipeError, **{name: kwargs.pop(name) for name in model.model_fields})
+    values = {name: kwargs.pop(name) for name in model.model_fields}
+    return validated(model, RecipeError, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
 
 
 def for_command(error: DusError) -> DusError:

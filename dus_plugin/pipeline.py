@@ -10,17 +10,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dus_plugin.errors import DusError, Interrupted, RecipeError, TrainingLaunchError
+from dus_plugin.eval.settings import RunEvalSettings
 from dus_plugin.io import atomic_write_text, file_sha256, read_yaml_mapping
-from dus_plugin.planning import PlanOptions
+from dus_plugin.planner import PlanOptions
 from dus_plugin.run_state import Stage, StageRunner
 from dus_plugin.upscale import EngineOptions
-from dus_plugin.validation import HubId, first_error
+from dus_plugin.validation import HubId, deep_merged, first_error
 
 LOG = logging.getLogger(__name__)
 PKG = Path(__file__).parent
@@ -28,17 +29,6 @@ PKG = Path(__file__).parent
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class EvalSpec(Strict):
-    text_files: list[str] = Field(min_length=1)
-    max_length: Optional[int] = Field(None, gt=1)
-    """Perplexity window in tokens [default: min(context, 512), as `dus eval`]."""
-    stride: Optional[int] = None
-    tasks: Optional[str] = None
-    """lm-eval tasks (h6 or names), needs the [eval] extra."""
-    include_paths: list[str] = []
-    batch_size: int = Field(8, gt=0)
 
 
 class PushSpec(Strict):
@@ -70,7 +60,7 @@ class RunRecipe(Strict):
     """Hub id the card links when ``base`` is a local folder."""
     output_dir: str
     upscale: UpscaleSection = UpscaleSection()
-    eval: EvalSpec
+    eval: RunEvalSettings
     train: dict[str, Any]
     """A training config (see configs/cpt_tiny.yml), inline or as the path of its YAML file (relative to the
     recipe). The run sets its model and output_dir."""
@@ -125,21 +115,12 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            _merge(data[key], value)
-        else:
-            data[key] = value
-    return data
-
-
 def load_run_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> RunRecipe:
     path = Path(path)
     data = read_yaml_mapping(path, RecipeError, "run recipe", "start from configs/quickstart.yml")
     if isinstance(data.get("train"), str):
         data["train"] = _train_file(path, data["train"])
-    data = _merge(data, overrides or {})
+    data = deep_merged(data, overrides or {})
     try:
         r = RunRecipe.model_validate(_resolve_pkg(data))
     except ValidationError as e:
@@ -232,7 +213,7 @@ def _stages(r: RunRecipe, train_cfg, out: Path, push: bool, quiet: bool, where: 
     up, final = p["upscaled"], p["final"]
     base_res, up_res, trained_res = p["results"]
     plan_keys = {f: f"upscale.{f}" for f in UpscaleSection.model_fields}
-    eval_keys = {"texts": "eval.text_files", "tasks": "eval.tasks", "include_path": "eval.include_paths"}
+    eval_keys = {f: f"eval.{f}" for f in RunEvalSettings.model_fields}
     eval_spec = {"eval": r.eval.model_dump(mode="json")}
     plan_fields = r.upscale.model_dump(mode="json", include=set(PlanOptions.model_fields))
     engine = EngineOptions(**r.upscale.model_dump(include=set(EngineOptions.model_fields)))
@@ -251,7 +232,7 @@ def _stages(r: RunRecipe, train_cfg, out: Path, push: bool, quiet: bool, where: 
         Stage("eval_upscaled", "eval upscaled (before training)",
               _naming(lambda: _eval(r, up, up_res, "upscaled", quiet), eval_keys),
               lambda: {"upscaled": manifest_sha256(up), **eval_spec}, (up_res,), needs=("upscale",)),
-        Stage("train", "continued pretraining", lambda: _train(train_cfg, r.launch, out, quiet),
+        Stage("train", "continued pretraining", lambda: _train(_with_baseline(train_cfg, r), r.launch, out, quiet),
               lambda: {"train": r.train, "launch": r.launch and r.launch.model_dump(mode="json"),
                        "upscaled": manifest_sha256(up)}, (out / "train",), keeps_work=lambda: _has_training(out),
               needs=("upscale",)),
@@ -296,7 +277,7 @@ def _interrupt_note(stage: str | None, out: Path, command: str) -> str:
 
 
 def _plan(r: RunRecipe, path: Path) -> None:
-    from dus_plugin.planning import make_recipe
+    from dus_plugin.planner import make_recipe
 
     planned = make_recipe(r.base, r.upscale)
     atomic_write_text(path, planned.render(r.upscale.method, command=["dus", "run", r.name]))
@@ -311,9 +292,14 @@ def _base_dir(r: RunRecipe) -> Path:
 def _eval(r: RunRecipe, model: Path, path: Path, label: str, quiet: bool) -> None:
     from dus_plugin.eval.run import evaluate
 
-    e = r.eval
-    evaluate(model, texts=e.text_files, tasks=e.tasks, include_paths=e.include_paths, max_length=e.max_length,
-             stride=e.stride, batch_size=e.batch_size, label=label, progress=not quiet, save_to=path)
+    evaluate(model, r.eval, label=label, progress=not quiet, save_to=path)
+
+
+def _with_baseline(cfg, r: RunRecipe):
+    """The base's validation loss goes on the loss curve unless the recipe sets `train.baseline_model` itself."""
+    if "baseline_model" in r.train:
+        return cfg
+    return cfg.model_copy(update={"baseline_model": str(_base_dir(r))})
 
 
 def _train(cfg, launch: LaunchSpec | None, out: Path, quiet: bool) -> None:

@@ -1,6 +1,7 @@
 """The DUS plan: n, m -> slices, layer map and parameter counts.
 
-Pure arithmetic on a base's ``config.json`` dict: no torch, no mergekit, no I/O.
+Pure arithmetic on the base's layer count n (``Architecture.n``): no torch, no mergekit, no I/O. The overlap is
+called m everywhere in the code, as in the paper; users set it as ``drop`` (``--drop``, ``upscale.drop``).
 SOLAR (Kim et al., 2023): take the n-layer base twice, drop the last m layers of one copy and
 the first m of the other, stack them -> s = 2(n - m) layers.
 """
@@ -24,20 +25,6 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
         if isinstance(sub, Mapping) and "num_hidden_layers" in sub:
             return sub
     return config
-
-
-def num_layers(config: Mapping[str, Any]) -> int:
-    """n, the base's layer count (under the key its config class maps num_hidden_layers to), or a PlanError."""
-    from dus_plugin.architecture import count_key, get_path
-
-    key = count_key(config)
-    n = get_path(config, key)
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise PlanError(
-            f"config.json has no usable {key} (got {n!r}); "
-            "DUS needs a decoder LM config that states its layer count"
-        )
-    return n
 
 
 @dataclass(frozen=True)
@@ -83,8 +70,8 @@ class DusPlan:
 
     n: int
     slices: tuple[Slice, ...]
-    overlap: int | None = None
-    """m, for the solar and interpose layouts; None otherwise."""
+    m: int | None = None
+    """The overlap, for the solar and interpose layouts; None otherwise."""
     params_before: ParamCount | None = field(default=None, compare=False)
     layout: str = "layers"
     """solar, interpose, stack, or layers (an explicit layer list)."""
@@ -132,7 +119,7 @@ class DusPlan:
         d: dict[str, Any] = {
             "layout": self.layout,
             "n": self.n,
-            "m": self.overlap,
+            "m": self.m,
             "repeat": self.repeat,
             "s": self.s,
             "slices": [sl.as_list() for sl in self.slices],
@@ -152,72 +139,67 @@ def default_overlap(n: int) -> int:
     return n // 4
 
 
-def _checked_overlap(config: Mapping[str, Any], overlap: int | None) -> tuple[int, int]:
-    """(n, m) with 1 <= m < n/2, the overlap both the solar and the interpose layout take."""
-    n = num_layers(config)
-    m = default_overlap(n) if overlap is None else overlap
+def _checked_m(n: int, m: int | None) -> int:
+    """m with 1 <= m < n/2 (the default n/4 when None), the overlap both the solar and the interpose layout take."""
+    m = default_overlap(n) if m is None else m
     if m <= 0:
         raise PlanError(f"`drop` must be at least 1 (got {m}); m = n/4 = {n // 4} is the paper's choice", setting="drop")
     if 2 * m >= n:
         raise PlanError(
             f"`drop` {m} gives s = 2({n}-{m}) = {2 * (n - m)} layers, no more than the base's {n}: "
             f"choose m < n/2 = {n / 2:g}", setting="drop")
-    return n, m
+    return m
 
 
-def solar_plan(config: Mapping[str, Any], overlap: int | None = None) -> DusPlan:
+def solar_plan(n: int, m: int | None = None) -> DusPlan:
     """Two slices [0, n-m) + [m, n) of the same base -> s = 2(n - m) layers."""
-    n, m = _checked_overlap(config, overlap)
-    slices = (Slice(0, n - m), Slice(m, n))
-    return DusPlan(n=n, slices=slices, overlap=m, params_before=count_params(config), layout="solar")
+    m = _checked_m(n, m)
+    return DusPlan(n=n, slices=(Slice(0, n - m), Slice(m, n)), m=m, layout="solar")
 
 
-def interpose_plan(config: Mapping[str, Any], overlap: int | None = None) -> DusPlan:
+def interpose_plan(n: int, m: int | None = None) -> DusPlan:
     """The layers solar duplicates, [m, n-m), each copy placed right after its source: s = 2(n - m), no seam."""
-    n, m = _checked_overlap(config, overlap)
+    m = _checked_m(n, m)
     layers = [*range(m), *(i for i in range(m, n - m) for _ in (0, 1)), *range(n - m, n)]
-    return replace(layer_list_plan(config, layers), overlap=m, layout="interpose")
+    return replace(layer_list_plan(n, layers), m=m, layout="interpose")
 
 
-def stack_plan(config: Mapping[str, Any], repeat: int | None = None) -> DusPlan:
+def stack_plan(n: int, repeat: int | None = None) -> DusPlan:
     """The whole base ``repeat`` times (G_stack): s = g n."""
     g = 2 if repeat is None else repeat
     if g < 2:
         raise PlanError(f"`repeat` must be at least 2 (got {g}): the stack layout repeats the whole base g times",
                         setting="repeat")
-    return replace(layer_list_plan(config, list(range(num_layers(config))) * g), layout="stack", repeat=g)
+    return replace(layer_list_plan(n, list(range(n)) * g), layout="stack", repeat=g)
 
 
-def layout_plan(config: Mapping[str, Any], layout: str, overlap: int | None = None,
-                repeat: int | None = None) -> DusPlan:
-    """The plan of a named layout; ``overlap`` serves solar and interpose, ``repeat`` stack."""
+def layout_plan(n: int, layout: str, m: int | None = None, repeat: int | None = None) -> DusPlan:
+    """The plan of a named layout; ``m`` serves solar and interpose, ``repeat`` stack."""
     if layout == "stack":
-        if overlap is not None:
+        if m is not None:
             raise PlanError("`drop` does not apply to the stack layout, which repeats all layers; give `repeat`",
                             setting="drop")
-        return stack_plan(config, repeat)
+        return stack_plan(n, repeat)
     if repeat is not None:
         raise PlanError(f"`repeat` applies to the stack layout only, not {layout}", setting="repeat")
     if layout == "interpose":
-        return interpose_plan(config, overlap)
+        return interpose_plan(n, m)
     if layout == "solar":
-        return solar_plan(config, overlap)
+        return solar_plan(n, m)
     raise PlanError(f"`layout` {layout!r} is unknown; choose one of {', '.join(LAYOUTS)}", setting="layout")
 
 
-def recognise(config: Mapping[str, Any], layer_map: Sequence[int]) -> DusPlan:
-    """The plan a layer map is: a named layout when it is one, else an explicit layer list."""
-    n = num_layers(config)
-    layer_map = list(layer_map)
-    candidates = [lambda k=k: solar_plan(config, k) for k in range(1, (n + 1) // 2)]
-    candidates += [lambda k=k: interpose_plan(config, k) for k in range(1, (n + 1) // 2)]
-    if len(layer_map) % n == 0 and len(layer_map) >= 2 * n:
-        candidates.append(lambda: stack_plan(config, len(layer_map) // n))
-    for make in candidates:
-        plan = make()
-        if plan.layer_map == layer_map:
-            return plan
-    return layer_list_plan(config, layer_map)
+def recognise(n: int, layer_map: Sequence[int]) -> DusPlan:
+    """The plan a hand-written layer map is: a named layout when it is one, else an explicit layer list.
+
+    Each layout fixes its parameter by the output size (s = 2(n - m), s = g n), so one candidate each is tried."""
+    layer_map, s = list(layer_map), len(layer_map)
+    candidates = []
+    if s % 2 == 0 and 1 <= n - s // 2 < (n + 1) // 2:
+        candidates += [solar_plan(n, n - s // 2), interpose_plan(n, n - s // 2)]
+    if s % n == 0 and s >= 2 * n:
+        candidates.append(stack_plan(n, s // n))
+    return next((p for p in candidates if p.layer_map == layer_map), None) or layer_list_plan(n, layer_map)
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -242,9 +224,8 @@ def parse_layers(spec: str) -> list[int]:
     return layers
 
 
-def layer_list_plan(config: Mapping[str, Any], layers: Sequence[int]) -> DusPlan:
+def layer_list_plan(n: int, layers: Sequence[int]) -> DusPlan:
     """Any stacking: output layer i copies source layer ``layers[i]``; runs become slices."""
-    n = num_layers(config)
     if not layers:
         raise PlanError("`layers` is empty; give the source layer of every output layer, e.g. 0:24,8:32", setting="layers")
     bad = [i for i in layers if not 0 <= i < n]
@@ -259,7 +240,7 @@ def layer_list_plan(config: Mapping[str, Any], layers: Sequence[int]) -> DusPlan
         slices.append(Slice(start, prev + 1))
         if i is not None:
             start = prev = i
-    return DusPlan(n=n, slices=tuple(slices), overlap=None, params_before=count_params(config))
+    return DusPlan(n=n, slices=tuple(slices))
 
 
 def count_params(config: Mapping[str, Any]) -> ParamCount | None:
@@ -296,7 +277,7 @@ def count_params(config: Mapping[str, Any]) -> ParamCount | None:
 def format_layer_map(plan: DusPlan) -> str:
     """A compact human table: output ranges -> source ranges, with the seam marked."""
     lines = [f"layout {plan.layout}: n={plan.n}  " + (f"g={plan.repeat}" if plan.repeat else
-             f"m={plan.overlap if plan.overlap is not None else '-'}") + f"  s={plan.s}"]
+             f"m={plan.m if plan.m is not None else '-'}") + f"  s={plan.s}"]
     out = 0
     seen: set[int] = set()
     for k, sl in enumerate(plan.slices):

@@ -26,7 +26,6 @@ METHODS = ("solar", "identity", "average")
 AVERAGE_METHOD = "dus_average"
 # The projections that write into the residual stream; zeroing them makes a layer the identity.
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
-DTYPES = ("float32", "float16", "bfloat16")
 
 
 class Source(Model):
@@ -243,7 +242,7 @@ def render_recipe(doc: dict[str, Any], plan: DusPlan, *, method: str, command: l
 
 def layout_arithmetic(plan: DusPlan) -> str:
     """n, m (or g) and s, as the layout computes them."""
-    n, m, s = plan.n, plan.overlap, plan.s
+    n, m, s = plan.n, plan.m, plan.s
     if plan.layout == "solar":
         return f"n = {n} base layers, m = {m} dropped per copy -> s = 2({n}-{m}) = {s} layers"
     if plan.layout == "interpose":

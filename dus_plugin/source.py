@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dus_plugin.errors import BaseModelError
+
+if TYPE_CHECKING:
+    from dus_plugin.architecture import Architecture
 
 LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class BaseModel:
+class ResolvedBase:
     """A base as the user named it, plus what we learned about it."""
 
     ref: str
@@ -30,22 +34,29 @@ class BaseModel:
     def architecture(self) -> str:
         return (self.config.get("architectures") or ["?"])[0]
 
+    @cached_property
+    def arch(self) -> Architecture:
+        """Its architecture, resolved once and handed down the stages."""
+        from dus_plugin.architecture import Architecture
+
+        return Architecture(self.config)
+
 
 def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or Path(ref).exists() or ref.count("/") > 1
 
 
-def resolve_base(ref: str, revision: str | None = None) -> BaseModel:
+def resolve_base(ref: str, revision: str | None = None) -> ResolvedBase:
     """Read ``config.json`` of a local folder or a Hub model; raise BaseModelError if neither works."""
     if _looks_like_path(ref):
         path = Path(ref).expanduser()
         if not path.is_dir():
             raise BaseModelError(f"base folder {ref} does not exist; pass an existing model folder or a Hub id")
-        return BaseModel(ref, _read_config(path / "config.json", ref), path, None, None)
+        return ResolvedBase(ref, _read_config(path / "config.json", ref), path, None, None)
     return _resolve_hub(ref, revision)
 
 
-def _resolve_hub(repo_id: str, revision: str | None) -> BaseModel:
+def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedBase:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -59,10 +70,10 @@ def _resolve_hub(repo_id: str, revision: str | None) -> BaseModel:
         ) from None
     # hf_hub_download returns .../snapshots/<commit>/config.json
     commit = cfg_path.parent.name if cfg_path.parent.parent.name == "snapshots" else revision
-    return BaseModel(repo_id, _read_config(cfg_path, repo_id), cfg_path.parent, repo_id, commit)
+    return ResolvedBase(repo_id, _read_config(cfg_path, repo_id), cfg_path.parent, repo_id, commit)
 
 
-def local_snapshot(base: BaseModel) -> Path:
+def local_snapshot(base: ResolvedBase) -> Path:
     """The folder holding the base's files: the folder itself, or the Hub snapshot (downloaded as needed)."""
     if base.hub_id is None:
         assert base.local_path is not None
@@ -108,7 +119,7 @@ def mergekit_architectures() -> dict[str, dict[str, Any]]:
     return out
 
 
-def tokenizer_size(base: BaseModel) -> int | None:
+def tokenizer_size(base: ResolvedBase) -> int | None:
     """Number of tokens the base's tokenizer knows (vocabulary + added tokens); None if unreadable."""
     path = base.local_path / "tokenizer.json" if base.local_path else None
     if (path is None or not path.is_file()) and base.hub_id:
@@ -128,7 +139,7 @@ def tokenizer_size(base: BaseModel) -> int | None:
     return len(ids)
 
 
-def padded_vocab(base: BaseModel) -> tuple[int, int] | None:
+def padded_vocab(base: ResolvedBase) -> tuple[int, int] | None:
     """(embedding rows, tokenizer size) when the base pads its vocabulary beyond its tokenizer."""
     from dus_plugin.plan import text_config
 

@@ -25,15 +25,15 @@ from typing import Any, Callable
 from dus_plugin.errors import UpscaleError
 from dus_plugin.recipe import Recipe
 from dus_plugin.architecture import LayerStack
-from dus_plugin.tensors import Regroup, SourceTensor, is_raw_copy, out_shape, read_header, transformed_bytes
+from dus_plugin.tensors import (DTYPE_SIZES, SAFETENSORS_CODES, Regroup, SourceTensor, is_raw_copy, out_shape, read_header,
+                                transformed_bytes)
 
 LOG = logging.getLogger(__name__)
 CHUNK = 64 << 20
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-TORCH_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
+# What the output takes from the base beside the weights, as mergekit's tokenizer copy does.
+TOKENIZER_COPY_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                        "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+                        "generation_config.json")
 
 
 @dataclass
@@ -100,7 +100,7 @@ def plan_tensors(recipe: Recipe, base_dir: Path, out_dtype: str | None, stack: L
         i = stack.index(name)
         (outside.append(name) if i is None else layer_names.setdefault(i, []).append(name))
     out: list[OutTensor] = []
-    target = TORCH_NAMES.get(out_dtype or "", None)
+    target = SAFETENSORS_CODES.get(out_dtype or "", None)
     for name in outside:
         out.append(OutTensor(name, sources[name], name, target or sources[name].dtype, False,
                              regroup=packed.get(name)))
@@ -223,9 +223,7 @@ def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Pa
 
     from tqdm import tqdm
 
-    from dus_plugin.architecture import packed_per_layer
-
-    packed = packed_per_layer(base.config, recipe.layer_map)
+    packed = base.arch.packed_per_layer(recipe.layer_map)
     tensors = plan_tensors(recipe, base_dir, recipe.out_dtype or recipe.dtype, stack, packed)
     shards = shard(tensors, shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
@@ -259,7 +257,7 @@ def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Pa
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {t.name: n for n, g in zip(names, shards) for t in g}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for f in TOKENIZER_FILES:  # as mergekit's tokenizer copy does
+    for f in TOKENIZER_COPY_FILES:  # as mergekit's tokenizer copy does
         if (base_dir / f).is_file():
             shutil.copy(base_dir / f, tmp / f)
     (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
@@ -271,7 +269,7 @@ def build_config(base_config: dict[str, Any], layer_map: list[int], dtype: str |
     layer map (``architecture.upscaled_config``), saved by transformers as mergekit's run saves it."""
     from dus_plugin.architecture import config_object, upscaled_config
 
-    cfg = config_object(upscaled_config(base_config, layer_map, check=False))
+    cfg = config_object(upscaled_config(base_config, layer_map))
     if dtype:
         cfg.dtype = dtype  # mergekit sets torch_dtype, which transformers 5 maps to dtype
     cfg.save_pretrained(out)

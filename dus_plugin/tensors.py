@@ -94,9 +94,13 @@ def tensor_headers(folder: Path) -> dict[str, SourceTensor]:
     return out
 
 
+# The dtype tables, in one place: safetensors' code -> torch's name, bytes per element, and back.
 SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 
 
 def read_tensor(t: SourceTensor):

@@ -18,16 +18,17 @@ from pydantic import ConfigDict, field_validator
 
 from dus_plugin import __version__
 from dus_plugin.configfix import mergekit_per_layer_fix
-from dus_plugin.errors import BaseModelError, DusError, Interrupted, OutputExistsError, RecipeError, UpscaleError
-from dus_plugin.io import parse_size
+from dus_plugin.errors import (BaseModelError, DusError, Interrupted, OutputExistsError, RecipeError, UpscaleError,
+                               first_line)
+from dus_plugin.io import TOKENIZER_MODEL_FILES, parse_size
 from dus_plugin.validation import HubId
 from dus_plugin.manifest import Manifest, UpscaleStage
-from dus_plugin.plan import num_layers, recognise
+from dus_plugin.plan import recognise
 from dus_plugin.recipe import AVERAGE_METHOD, Recipe, check_against_base, load_recipe
-from dus_plugin.architecture import LayerStack, layer_stack, param_count, upscaled_config
+from dus_plugin.architecture import LayerStack
 from dus_plugin.llamacpp import notes_for as llama_cpp_notes
-from dus_plugin.source import BaseModel, local_snapshot, resolve_base
-from dus_plugin.tensors import check_readable, header_sha256, read_header, weight_map
+from dus_plugin.source import ResolvedBase, local_snapshot, resolve_base
+from dus_plugin.tensors import SAFETENSORS_DTYPES, check_readable, header_sha256, read_header, weight_map
 
 LOG = logging.getLogger(__name__)
 TMP_MARK = ".dus-tmp-"
@@ -81,9 +82,9 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     base = resolve_base(recipe.model)
-    stack = layer_stack(base.config)
-    check_against_base(recipe, num_layers(base.config), where=str(recipe_path))
-    upscaled_config(base.config, recipe.layer_map)  # refuses a layer map the family's config cannot express
+    stack = base.arch.stack
+    check_against_base(recipe, base.arch.n, where=str(recipe_path))
+    base.arch.check_layers(recipe.layer_map)  # refuses a layer map the family's config cannot express
     for line in llama_cpp_notes(base.config, recipe.layer_map):
         LOG.warning(line)
     _check_filters(recipe, base, stack, str(recipe_path))
@@ -103,7 +104,7 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
         if options.verify:
             from dus_plugin.verify import verify
 
-            verify(tmp, base=base_dir, forward=options.forward, quiet=options.quiet)
+            verify(tmp, base=base_dir, forward=options.forward, quiet=options.quiet, arch=base.arch)
         _commit(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -115,7 +116,7 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     return manifest
 
 
-def _check_filters(recipe: Recipe, base: BaseModel, stack: LayerStack, where: str) -> None:
+def _check_filters(recipe: Recipe, base: ResolvedBase, stack: LayerStack, where: str) -> None:
     filters = {f for fs in recipe.zeroed_outputs().values() for f in fs}
     if not filters:
         return
@@ -130,7 +131,7 @@ def _check_filters(recipe: Recipe, base: BaseModel, stack: LayerStack, where: st
             )
 
 
-def _check_vocab(recipe: Recipe, base: BaseModel, where: str) -> None:
+def _check_vocab(recipe: Recipe, base: ResolvedBase, where: str) -> None:
     from dus_plugin.source import padded_vocab
 
     if recipe.tokenizer_source and (padded := padded_vocab(base)):
@@ -140,7 +141,7 @@ def _check_vocab(recipe: Recipe, base: BaseModel, where: str) -> None:
             "(mergekit then copies the tokenizer unchanged)")
 
 
-def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, stack: LayerStack, tmp: Path,
+def _run_engine(recipe: Recipe, recipe_text: str, base: ResolvedBase, stack: LayerStack, tmp: Path,
                 options: UpscaleOptions) -> tuple[Path, str, dict[str, str] | None]:
     """(base folder, engine used, tensor hashes if the engine computed them)."""
     from dus_plugin.stream import stream_merge, streamable
@@ -148,7 +149,7 @@ def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, stack: LayerS
     base_dir = local_snapshot(base)
     check_readable(base_dir)
     if not (base_dir / "tokenizer_config.json").is_file() or not any(
-            (base_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            (base_dir / f).is_file() for f in TOKENIZER_MODEL_FILES):
         raise BaseModelError(f"base {base.ref} has no tokenizer (tokenizer_config.json with tokenizer.json or "
                              "tokenizer.model); the upscaled model needs the base's tokenizer")
     if options.engine == "mergekit" and recipe.merge_method == AVERAGE_METHOD:
@@ -169,14 +170,14 @@ def _run_engine(recipe: Recipe, recipe_text: str, base: BaseModel, stack: LayerS
                           f"{base.architecture}; the streaming engine handles any family for plain copies and "
                           "zeroed projections (the recipes `dus plan` writes)")
     LOG.info("using mergekit's engine (%s)", why)
-    _merge(recipe, recipe_text, base_dir, tmp, options)
+    _run_mergekit(recipe, recipe_text, base_dir, tmp, options)
     # mergekit writes the layer count under the key of its own definition; the config transformers
     # reads is rebuilt from the base's, as the streaming engine builds it
     build_config(base.config, recipe.layer_map, recipe.out_dtype or recipe.dtype, str(tmp))
     return base_dir, "mergekit", None
 
 
-def _merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, options: UpscaleOptions) -> None:
+def _run_mergekit(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, options: UpscaleOptions) -> None:
     """Run mergekit's engine into ``tmp``."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
@@ -199,8 +200,7 @@ def _merge(recipe: Recipe, recipe_text: str, base_dir: Path, tmp: Path, options:
     except DusError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UpscaleError(f"mergekit failed: {type(e).__name__}: {first}; nothing was written to the output") from None
+        raise UpscaleError(f"mergekit failed: {first_line(e)}; nothing was written to the output") from None
     (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
     for name in ("generation_config.json",):
         if (base_dir / name).is_file() and not (tmp / name).exists():
@@ -223,14 +223,14 @@ def _no_progress(quiet: bool) -> Iterator[None]:
         tqdm.tqdm.__init__ = original  # type: ignore[method-assign]
 
 
-def build_manifest(recipe: Recipe, recipe_path: Path, base: BaseModel, base_dir: Path, folder: Path,
+def build_manifest(recipe: Recipe, recipe_path: Path, base: ResolvedBase, base_dir: Path, folder: Path,
                    stack: LayerStack, quiet: bool = False, hashes: dict[str, str] | None = None) -> Manifest:
     from importlib.metadata import version
 
     from dus_plugin.manifest import BaseRecord, LayersRecord, PlanRecord, ShardId, TensorRecord
 
-    plan = recognise(base.config, recipe.layer_map)  # with its layout (solar, interpose, stack) named
-    plan = plan.with_params(param_count(base.config, plan.layer_map))
+    plan = recognise(base.arch.n, recipe.layer_map)  # with its layout (solar, interpose, stack) named
+    plan = plan.with_params(base.arch.param_count(plan.layer_map))
     zeroed = recipe.zeroed_outputs()
     method = "average" if recipe.merge_method == AVERAGE_METHOD else "identity" if zeroed else "solar"
     return Manifest(
@@ -269,16 +269,13 @@ def _tensor_records(folder: Path, stack: LayerStack, layer_map: list[int], zeroe
         for name, t in read_header(folder / file).items():
             i = stack.index(name)
             entry = {"source": name if i is None else stack.rename(name, layer_map[i]),
-                     "dtype": _TORCH_DTYPE.get(t.dtype, t.dtype.lower()), "shape": t.shape, "sha256": file_hashes[name]}
+                     "dtype": SAFETENSORS_DTYPES.get(t.dtype, t.dtype.lower()), "shape": t.shape, "sha256": file_hashes[name]}
             if i is not None and any(f in name for f in zeroed.get(i, [])):
                 entry["zeroed"] = True
             if i in averaged:
                 entry["mean_with"] = stack.rename(name, averaged[i])
             tensors[name] = entry
     return tensors
-
-
-_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
 
 
 def _commit(tmp: Path, out: Path) -> None:

@@ -70,3 +70,11 @@ def check_repo_id(value: str) -> str:
 
 HubId = Annotated[str, AfterValidator(check_repo_id)]
 """A Hub repo id, checked before any work."""
+
+
+def deep_merged(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``change`` laid over it, nested mappings merged key by key (overrides on a config)."""
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = deep_merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -11,17 +11,20 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dus_plugin.errors import PlanError, VerifyError
+from dus_plugin.errors import PlanError, VerifyError, first_line
+from dus_plugin.io import TOKENIZER_MODEL_FILES
 from dus_plugin.manifest import Manifest
 from dus_plugin.tensors import (Regroup, SourceTensor, is_raw_copy, out_shape, read_tensor, tensor_headers,
                                 weight_map)
 
+if TYPE_CHECKING:
+    from dus_plugin.architecture import Architecture
+
 LOG = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Config keys that legitimately differ between a base and its upscale.
 VOLATILE_CONFIG_KEYS = frozenset({"dtype", "torch_dtype", "transformers_version", "_name_or_path"})
 
@@ -35,7 +38,6 @@ class VerifyReport:
     forward: bool = False
     trained: bool = False
     """A trained export: tensors are checked to be finite, not against the base."""
-    notes: list[str] = field(default_factory=list)
     held: str = ""
     """How the forward pass held the model: "streamed" (one module at a time) or "whole"."""
 
@@ -53,8 +55,11 @@ class Expected:
 
 
 def verify(folder: str | Path, base: str | Path | None = None, forward: bool = True,
-           quiet: bool = False) -> VerifyReport:
-    """Raise VerifyError naming the first mismatch; return what was checked."""
+           quiet: bool = False, arch: Architecture | None = None) -> VerifyReport:
+    """Raise VerifyError naming the first mismatch; return what was checked.
+
+    ``arch``: the base's architecture as the upscale resolved it (its meta models are reused); used only when its
+    config is the base config verify reads itself."""
     folder = Path(folder)
     if not folder.is_dir():
         raise VerifyError(f"{folder} is not a folder; pass the output folder of `dus upscale`")
@@ -68,9 +73,13 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
         report.tensors = _check_trained(folder, quiet)
     else:
         base_config = _base_config(manifest, base_dir)
-        _check_config(folder, manifest, base_config)
+        if arch is None or arch.config != base_config:
+            from dus_plugin.architecture import Architecture
+
+            arch = Architecture(base_config)
+        _check_config(folder, manifest, arch)
         report.against_base = base_dir is not None
-        report.tensors = (_check_against_base(folder, manifest, base_dir, base_config, quiet) if base_dir
+        report.tensors = (_check_against_base(folder, manifest, base_dir, arch, quiet) if base_dir
                           else _check_hashes(folder, manifest, quiet))
     if forward:
         function_preserving = manifest.method in ("identity", "average") and not report.trained
@@ -86,23 +95,23 @@ def _base_config(manifest: Manifest, base_dir: Path | None) -> dict[str, Any]:
     return manifest.base.config
 
 
-def _check_config(folder: Path, manifest: Manifest, base_config: dict[str, Any]) -> None:
+def _check_config(folder: Path, manifest: Manifest, arch: Architecture) -> None:
     """The output config is the base's with every per-layer setting following the layer map, and every
     output layer is built exactly as its source layer."""
-    from dus_plugin.architecture import check_layers, config_object, upscaled_config
+    from dus_plugin.architecture import config_object, upscaled_config
 
     path = folder / "config.json"
     if not path.is_file():
         raise VerifyError(f"{folder} has no config.json")
     actual = json.loads(path.read_text())
     layer_map = manifest.plan.layer_map
-    expected = upscaled_config(base_config, layer_map, check=False)
+    expected = upscaled_config(arch.config, layer_map)
     want, got = (config_object(c).to_dict() for c in (expected, actual))
     for key in sorted(set(want) | set(got)):
         if key not in VOLATILE_CONFIG_KEYS and want.get(key) != got.get(key):
             raise VerifyError(_config_mismatch(key, got.get(key), want.get(key)))
-    try:
-        check_layers(base_config, actual, layer_map)
+    try:  # the config read equals the expected one in every key that builds a layer, so its layers are these
+        arch.check_layers(layer_map)
     except PlanError as e:
         raise VerifyError(f"config.json: {e}") from None
 
@@ -123,7 +132,7 @@ def _short(value: Any) -> str:
 
 
 def _check_tokenizer(folder: Path) -> None:
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES) or not (folder / "tokenizer_config.json").is_file():
+    if not any((folder / f).is_file() for f in TOKENIZER_MODEL_FILES) or not (folder / "tokenizer_config.json").is_file():
         raise VerifyError(f"{folder} has no tokenizer (tokenizer_config.json with tokenizer.json or tokenizer.model)")
 
 
@@ -139,21 +148,21 @@ def _base_dir(manifest: Manifest, base: str | Path | None) -> Path | None:
     return Path(recorded) if recorded and Path(recorded).is_dir() else None
 
 
-def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: list[int],
-                     method: str) -> dict[str, Expected]:
+def expected_tensors(base_dir: Path, arch: Architecture, layer_map: list[int], method: str) -> dict[str, Expected]:
     """Every output tensor the plan implies, from the base's files and the model class."""
-    from dus_plugin.architecture import layer_stack, packed_per_layer, shared_in_stack, writer_filters
-    from dus_plugin.plan import layer_list_plan, num_layers
+    from dus_plugin.architecture import writer_filters
+    from dus_plugin.plan import layer_list_plan
 
     names = list(weight_map(base_dir))
-    stack = layer_stack(base_config, names)
+    arch.check_scope()
+    arch.check_tensor_names(names)
+    stack, n_base = arch.stack, arch.n
     zeroed: set[int] = set()
     filters: list[str] = []
-    n_base = num_layers(base_config)
     if method in ("identity", "average"):
-        zeroed = set(layer_list_plan(base_config, layer_map).duplicated_outputs)
-        filters = writer_filters([n for n in names if stack.index(n) is not None], shared_in_stack(base_config))
-    packed = packed_per_layer(base_config, layer_map)
+        zeroed = set(layer_list_plan(n_base, layer_map).duplicated_outputs)
+        filters = writer_filters([n for n in names if stack.index(n) is not None], arch.shared_in_stack)
+    packed = arch.packed_per_layer(layer_map)
     out: dict[str, Expected] = {n: Expected(n, False, regroup=packed.get(n)) for n in names if stack.index(n) is None}
     by_layer: dict[int, list[str]] = {}
     for n in names:
@@ -168,12 +177,11 @@ def expected_tensors(base_dir: Path, base_config: dict[str, Any], layer_map: lis
     return out
 
 
-def _check_against_base(folder: Path, manifest: Manifest, base_dir: Path, base_config: dict[str, Any],
-                        quiet: bool) -> int:
+def _check_against_base(folder: Path, manifest: Manifest, base_dir: Path, arch: Architecture, quiet: bool) -> int:
     """Each output tensor against its source in the base (bytes, or the cast/zeroed bytes), in bounded chunks."""
     from tqdm import tqdm
 
-    expected = expected_tensors(base_dir, base_config, manifest.plan.layer_map, manifest.method)
+    expected = expected_tensors(base_dir, arch, manifest.plan.layer_map, manifest.method)
     found = tensor_headers(folder)
     missing = sorted(set(expected) - set(found))
     if missing:
@@ -268,7 +276,7 @@ def _load(folder: Path):
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     except Exception as e:
-        raise VerifyError(f"transformers cannot load {folder}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise VerifyError(f"transformers cannot load {folder}: {first_line(e)}") from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind) or ())
         if keys:
@@ -283,7 +291,7 @@ def _forward(folder: Path, identity_base: Path | None) -> str:
     import torch
     from transformers import AutoConfig
 
-    from dus_plugin.streamed import StreamUnsupported
+    from dus_plugin.errors import StreamUnsupported
 
     ids = (torch.arange(1, 17).unsqueeze(0) * 7) % AutoConfig.from_pretrained(folder).vocab_size
     try:
@@ -301,7 +309,8 @@ def _forward(folder: Path, identity_base: Path | None) -> str:
 
 
 def _logits_streamed(folder: Path, identity_base: Path | None, ids):
-    from dus_plugin.streamed import ShapeMismatch, streamed_logits
+    from dus_plugin.errors import ShapeMismatch
+    from dus_plugin.layerwise import streamed_logits
 
     try:
         logits = streamed_logits(folder, ids)
@@ -321,8 +330,7 @@ def _file_dtype(folder: Path):
 
 
 def _forward_failed(folder: Path, e: Exception) -> VerifyError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return VerifyError(f"the forward pass of {folder} fails in transformers: {type(e).__name__}: {first}")
+    return VerifyError(f"the forward pass of {folder} fails in transformers: {first_line(e)}")
 
 
 def _logits_whole(folder: Path, identity_base: Path | None, ids):

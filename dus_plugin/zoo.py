@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dus_plugin.architecture import OUT_OF_SCOPE
 
 LAYERS = 8
 SIZES: dict[str, Any] = dict(
@@ -68,11 +67,6 @@ def causal_lm_types() -> dict[str, str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-
-
-def decoder_families() -> list[str]:
-    """Every causal-LM model_type that is in scope for DUS."""
-    return [t for t in causal_lm_types() if t not in OUT_OF_SCOPE]
 
 
 def tiny_config(model_type: str, vocab: int, layers: int = LAYERS):

@@ -82,8 +82,8 @@ def _materialize(include: list[Path]) -> Path:
     dst = Path(tempfile.mkdtemp(prefix="dus-tasks-"))
     for k, src in enumerate(include):
         if not src.is_dir():
-            raise EvalError(f"task folder {src} does not exist; give a folder of lm-eval task YAMLs in `include_path`",
-                            setting="include_path")
+            raise EvalError(f"task folder {src} does not exist; give a folder of lm-eval task YAMLs in `include_paths`",
+                            setting="include_paths")
         for f in src.rglob("*.yaml"):
             target = dst / str(k) / f.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +107,8 @@ def run_tasks(model, tokenizer, tasks: list[TaskSpec], include_paths: list[str |
         scores: dict[str, Any] = {}
         for spec in tasks:
             if spec.name not in manager.all_tasks:
-                raise EvalError(f"lm-eval task {spec.name!r} is unknown; add its YAML folder to `include_path`",
-                                setting="include_path")
+                raise EvalError(f"lm-eval task {spec.name!r} is unknown; add its YAML folder to `include_paths`",
+                                setting="include_paths")
             LOG.info("lm-eval %s (%s-shot)", spec.name, spec.num_fewshot)
             with _no_git_probe():
                 out = simple_evaluate(model=lm, tasks=[spec.name], num_fewshot=spec.num_fewshot,

@@ -7,16 +7,18 @@ from typing import Any
 
 from dus_plugin.eval.perplexity import PerplexityResult, perplexity, read_texts
 from dus_plugin.eval.results import make_result, save_result
+from dus_plugin.eval.settings import HookSettings
 
 
 class EvalHook:
     """should_run(step) / run(model, tokenizer, step); results land in OUT/eval/step-N.json, per file and pooled."""
 
-    def __init__(self, text_files: list[str], out_dir: str | Path, every: int = 0, max_tokens: int = 20000,
-                 max_length: int = 1024, model_dir: str | Path | None = None):
-        self.names = [Path(f).name for f in text_files]
-        self.texts = read_texts(text_files)
-        self.every, self.max_tokens, self.max_length = every, max_tokens, max_length
+    def __init__(self, settings: HookSettings, out_dir: str | Path, seq_len: int = 1024,
+                 model_dir: str | Path | None = None):
+        self.names = [Path(f).name for f in settings.text_files]
+        self.texts = read_texts(settings.text_files)
+        self.settings, self.max_length = settings, settings.max_length or seq_len
+        self.every, self.max_tokens = settings.every, settings.max_tokens
         self.out_dir, self.model_dir = Path(out_dir), model_dir
 
     def should_run(self, step: int, final: bool = False) -> bool:
@@ -29,6 +31,7 @@ class EvalHook:
         for name, text in zip(self.names, self.texts):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"][:self.max_tokens]
             by_file[name] = perplexity(model, tokenizer, [tokenizer.decode(ids)], max_length=self.max_length,
+                                       stride=self.settings.stride, batch_size=self.settings.batch_size,
                                        progress=False, device=device)
         if was_training:
             model.train()

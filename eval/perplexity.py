@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
-from dus_plugin.errors import DusError, EvalError
+from dus_plugin.errors import EvalError
 from dus_plugin.io import not_utf8
 
 
@@ -60,11 +60,11 @@ def read_texts(files: Iterable[str | Path]) -> list[str]:
     for f in files:
         p = Path(f)
         if not p.is_file():
-            raise EvalError(f"text file {p} does not exist; give held-out text in `texts`", setting="texts")
+            raise EvalError(f"text file {p} does not exist; give held-out text in `text_files`", setting="text_files")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise EvalError(not_utf8(p, e), setting="texts") from None
+            raise EvalError(not_utf8(p, e), setting="text_files") from None
         if not text.strip():
             raise EvalError(f"text file {p} is empty")
         texts.append(text)

@@ -8,6 +8,7 @@ from typing import Any
 from dus_plugin.eval.perplexity import EvalError, perplexity, read_texts
 from dus_plugin.errors import NetworkError
 from dus_plugin.eval.results import make_result, save_result
+from dus_plugin.eval.settings import EvalSettings
 from dus_plugin.io import model_folder_problem
 from dus_plugin.network import is_network_error, unreachable
 
@@ -25,12 +26,12 @@ def load_model(model_dir: str | Path):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def evaluate(model_dir: str | Path, texts: list[str | Path] = (), tasks: str | None = None,
-             include_paths: list[str | Path] = (), use_default_tasks: bool = True, limit: float | None = None,
-             batch_size: int = 8, max_length: int | None = None, stride: int | None = None,
-             label: str | None = None, progress: bool = True, save_to: str | Path | None = None) -> dict[str, Any]:
-    """Perplexity on ``texts`` and lm-eval ``tasks`` in one result; with ``save_to``, the perplexity is
-    written there before lm-eval starts, so a task that fails (offline, say) loses nothing computed."""
+def evaluate(model_dir: str | Path, settings: EvalSettings, use_default_tasks: bool = True,
+             limit: float | None = None, label: str | None = None, progress: bool = True,
+             save_to: str | Path | None = None) -> dict[str, Any]:
+    """Perplexity on the settings' text files and their lm-eval tasks, in one result; with ``save_to``, the
+    perplexity is written there before lm-eval starts, so a task that fails (offline, say) loses nothing computed."""
+    texts, tasks, batch_size = settings.text_files, settings.tasks, settings.batch_size
     if tasks:
         from dus_plugin.eval.harness import require_lm_eval
 
@@ -39,8 +40,8 @@ def evaluate(model_dir: str | Path, texts: list[str | Path] = (), tasks: str | N
     model, tok = load_model(model_dir)
     ppl = None
     if text_data:
-        ppl = perplexity(model, tok, text_data, max_length=max_length, stride=stride, batch_size=batch_size,
-                         progress=progress).to_dict()
+        ppl = perplexity(model, tok, text_data, max_length=settings.max_length, stride=settings.stride,
+                         batch_size=batch_size, progress=progress).to_dict()
         ppl["files"] = [str(Path(t)) for t in texts]
     scores = None
     if tasks:
@@ -50,7 +51,7 @@ def evaluate(model_dir: str | Path, texts: list[str | Path] = (), tasks: str | N
         if save_to is not None and ppl is not None:
             save_result(make_result(model_dir, perplexity=ppl, label=label), save_to)
         try:
-            scores = run_tasks(model, tok, specs, include_paths, use_default_tasks, limit, batch_size)
+            scores = run_tasks(model, tok, specs, settings.include_paths, use_default_tasks, limit, batch_size)
         except Exception as e:
             if not is_network_error(e):
                 raise

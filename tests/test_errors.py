@@ -158,7 +158,7 @@ def test_padded_vocabulary_keeps_embeddings_whole(tmp_path):
     model = AutoModelForCausalLM.from_config(family_config("qwen2", vocab=len(tok) + 61))
     model.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    r = dus("plan", tmp_path / "base", "--drop", 2, "-o", tmp_path / "r.yml")
+    dus("plan", tmp_path / "base", "--drop", 2, "-o", tmp_path / "r.yml")
     text = (tmp_path / "r.yml").read_text()
     assert "tokenizer_source:" not in text.split("merge_method")[1] and "pads its vocabulary to 320 rows" in text
     assert dus("upscale", tmp_path / "r.yml", tmp_path / "out", "-q").exit_code == 0

@@ -1,7 +1,6 @@
 """`dus eval`: result files per checkpoint, the compare table, and the trainer's eval hook."""
 
 import json
-from pathlib import Path
 
 from helpers import assert_one_line_error, dus, dus_ok
 

@@ -69,7 +69,7 @@ def tensors(path: Path) -> dict:
 
 def upscaled_gemma3(tmp_path: Path, n: int, m: int) -> Path:
     base = gemma3_config(n)
-    return model_dir(tmp_path, upscaled_config(base, solar_plan(base, m).layer_map, check=False))
+    return model_dir(tmp_path, upscaled_config(base, solar_plan(base["num_hidden_layers"], m).layer_map))
 
 
 def test_patch_writes_the_layer_types_and_keeps_everything_else(tmp_path: Path) -> None:
@@ -173,12 +173,12 @@ def test_a_copy_with_changed_tensor_bytes_is_caught(tmp_path: Path, monkeypatch:
 
 def test_plan_notes_name_the_patch_and_the_overlaps_that_need_none() -> None:
     base = gemma3_config(26)
-    notes = notes_for(base, solar_plan(base, 6).layer_map)
+    notes = notes_for(base, solar_plan(base["num_hidden_layers"], 6).layer_map)
     assert len(notes) == 1 and "dus gguf-patch" in notes[0]
     assert "--drop 1, 4, 7, 10 would need no patch" in notes[0]  # 26 - 2m a multiple of 6
-    assert notes_for(base, solar_plan(base, 4).layer_map) == []
+    assert notes_for(base, solar_plan(base["num_hidden_layers"], 4).layer_map) == []
     llama = family_config("llama", vocab=64, layers=32).to_dict()
-    assert notes_for(llama, solar_plan(llama, 8).layer_map) == []
+    assert notes_for(llama, solar_plan(llama["num_hidden_layers"], 8).layer_map) == []
     assert not compat(family_config("phi3", vocab=64).to_dict()).checked
 
 
@@ -186,13 +186,13 @@ def test_the_27b_attention_scale_is_warned_and_not_blamed_twice() -> None:
     # Gemma 3 27B: query_pre_attn_scalar = hidden/heads (168) != head_dim (128), 62 layers
     base = gemma3_config(62, head_dim=16)
     assert compat(base).mismatch is None  # llama.cpp takes hidden/heads at exactly 62 layers
-    notes = notes_for(base, solar_plan(base, 15).layer_map)
+    notes = notes_for(base, solar_plan(base["num_hidden_layers"], 15).layer_map)
     warning = next(n for n in notes if n.startswith("llama.cpp will compute"))
     assert "query_pre_attn_scalar is 8" in warning and "unless the model has exactly 62 layers" in warning
     assert "no overlap m avoids it" in warning
     # a base llama.cpp already gets wrong: said once, about the base
     wrong_base = gemma3_config(12, query_pre_attn_scalar=256)
-    notes = notes_for(wrong_base, solar_plan(wrong_base, 3).layer_map)
+    notes = notes_for(wrong_base, solar_plan(wrong_base["num_hidden_layers"], 3).layer_map)
     assert notes and all("llama.cpp will compute" not in n for n in notes)
     assert "computes the base itself differently" in notes[-1]
 
@@ -244,7 +244,7 @@ def test_real_gemma_sizes_at_the_default_overlap(name: str, patch: bool, warned:
     base = cls(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=head_dim,
                query_pre_attn_scalar=scalar, num_hidden_layers=n, vocab_size=256).to_dict()
     assert compat(base).mismatch is None and not compat(base).needs_patch  # the base runs right in llama.cpp
-    notes = notes_for(base, solar_plan(base).layer_map)
+    notes = notes_for(base, solar_plan(base["num_hidden_layers"]).layer_map)
     assert any("dus gguf-patch" in line for line in notes) == patch
     assert any(line.startswith("llama.cpp will compute") for line in notes) == warned
 

@@ -24,20 +24,21 @@ WRITERS = ("o_proj", "down_proj")
 
 
 def test_layer_maps_are_exact() -> None:
-    cfg = {"num_hidden_layers": 8, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
-           "vocab_size": 100}
-    assert solar_plan(cfg, 2).layer_map == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]
-    assert interpose_plan(cfg, 2).layer_map == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 7]
-    assert stack_plan(cfg, 3).layer_map == list(range(8)) * 3
-    for plan in (solar_plan(cfg, 2), interpose_plan(cfg, 3), stack_plan(cfg, 2)):
-        assert recognise(cfg, plan.layer_map) == plan  # what upscale records for a recipe's layer map
-        assert recognise(cfg, plan.layer_map).layout == plan.layout
+    n = 8
+    assert solar_plan(n, 2).layer_map == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]
+    assert interpose_plan(n, 2).layer_map == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 7]
+    assert stack_plan(n, 3).layer_map == list(range(8)) * 3
+    for plan in (solar_plan(n, 2), interpose_plan(n, 3), stack_plan(n, 2), solar_plan(n, 1), interpose_plan(n, 1)):
+        assert recognise(n, plan.layer_map) == plan  # what upscale records for a recipe's layer map
+        assert recognise(n, plan.layer_map).layout == plan.layout
+    assert recognise(n, [0, 1, 1, 2, 3, 4, 5, 6, 7]).layout == "layers"  # odd s: no named layout
 
 
 def test_interpose_has_solars_depth_and_parameters_on_mistral() -> None:
     mistral = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
                "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False}
-    solar, inter = solar_plan(mistral, 8), interpose_plan(mistral, 8)
+    params = count_params(mistral)
+    solar, inter = solar_plan(32, 8).with_params(params), interpose_plan(32, 8).with_params(params)
     assert inter.s == solar.s == 48 and inter.params_after == solar.params_after
     assert sorted(inter.layer_map) == sorted(solar.layer_map)  # the same layers duplicated
     assert inter.duplicated_outputs == [9 + 2 * k for k in range(16)]  # each copy right after its source
@@ -51,8 +52,7 @@ def test_every_layout_and_method(layout: str, method: str, tiny_llama: Path, tmp
     dus_ok("upscale", recipe, out, "-q")
     doc = yaml.safe_load(recipe.read_text())
     assert doc["merge_method"] == ("dus_average" if method == "average" else "passthrough")
-    cfg = {"num_hidden_layers": 8}
-    plan = layout_plan(cfg, layout, *((2, None) if layout != "stack" else (None, 3)))
+    plan = layout_plan(8, layout, *((2, None) if layout != "stack" else (None, 3)))
     base, up = tensors(tiny_llama), tensors(out)
     assert len(up) == len([k for k in base if ".layers." not in k]) + plan.s * 9
     seen: set[int] = set()

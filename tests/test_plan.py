@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from dus_plugin.errors import PlanError
 from dus_plugin.fixtures import FAMILIES
+from dus_plugin.architecture import num_layers
 from dus_plugin.plan import count_params, layer_list_plan, parse_layers, solar_plan
 
 from conftest import REPO
@@ -18,8 +19,9 @@ def base(name: str) -> dict:
 
 
 def test_solar_arithmetic_on_mistral_7b():
-    p = solar_plan(base("mistralai--Mistral-7B-v0.1"))
-    assert (p.n, p.overlap, p.s) == (32, 8, 48)
+    cfg = base("mistralai--Mistral-7B-v0.1")
+    p = solar_plan(num_layers(cfg)).with_params(count_params(cfg))
+    assert (p.n, p.m, p.s) == (32, 8, 48)
     assert [s.as_list() for s in p.slices] == [[0, 24], [8, 32]]
     assert p.layer_map == list(range(24)) + list(range(8, 32))
     assert p.seam == [24]
@@ -31,29 +33,29 @@ def test_solar_arithmetic_on_mistral_7b():
 @pytest.mark.parametrize("name,n,m,s", [("meta-llama--Meta-Llama-3-8B", 32, 8, 48), ("Qwen--Qwen2.5-7B", 28, 7, 42),
                                         ("google--gemma-2-9b", 42, 10, 64)])
 def test_default_overlap_is_a_quarter(name, n, m, s):
-    p = solar_plan(base(name))
-    assert (p.n, p.overlap, p.s) == (n, m, s)
+    p = solar_plan(num_layers(base(name)))
+    assert (p.n, p.m, p.s) == (n, m, s)
 
 
 @pytest.mark.parametrize("m,needle", [(0, "at least 1"), (-3, "at least 1"), (16, "m < n/2"), (20, "m < n/2")])
 def test_impossible_overlaps_are_rejected(m, needle):
     with pytest.raises(PlanError, match=needle.replace("/", ".")):
-        solar_plan(base("mistralai--Mistral-7B-v0.1"), m)
+        solar_plan(num_layers(base("mistralai--Mistral-7B-v0.1")), m)
 
 
 def test_unknown_layer_count_is_rejected():
     with pytest.raises(PlanError, match="num_hidden_layers"):
-        solar_plan({"hidden_size": 8})
+        num_layers({"hidden_size": 8})
 
 
 def test_layer_list_becomes_slices():
     cfg = base("mistralai--Mistral-7B-v0.1")
     assert parse_layers("0:24,8:32") == list(range(24)) + list(range(8, 32))
-    p = layer_list_plan(cfg, parse_layers("0,1,2,2,3,30:32"))
+    p = layer_list_plan(num_layers(cfg), parse_layers("0,1,2,2,3,30:32"))
     assert [s.as_list() for s in p.slices] == [[0, 3], [2, 4], [30, 32]]
-    assert p.layer_map == [0, 1, 2, 2, 3, 30, 31] and p.overlap is None
+    assert p.layer_map == [0, 1, 2, 2, 3, 30, 31] and p.m is None
     with pytest.raises(PlanError, match="outside"):
-        layer_list_plan(cfg, [0, 32])
+        layer_list_plan(num_layers(cfg), [0, 32])
     with pytest.raises(PlanError, match="reversed"):
         parse_layers("24:8")
     with pytest.raises(PlanError, match="not an index"):

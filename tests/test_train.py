@@ -191,6 +191,48 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, tiny_dus):
     assert steps == sorted(set(steps)) and steps[-1] == 8
 
 
+def test_resume_refuses_a_checkpoint_made_under_other_run_settings(tmp_path, tiny_dus):
+    """The checkpoint manager records the settings that fix what a run computes, and names the one that changed;
+    the cadence (save_every, log_every) may change between jobs."""
+    from dus_plugin.errors import CheckpointError
+
+    train(load_train_config(make_config(tmp_path, tiny_dus, max_steps=4, save_every=2)), quiet=True, stop_after=2)
+    changed = load_train_config(make_config(tmp_path, tiny_dus, max_steps=4, save_every=2, optimizer={"lr": 0.01}))
+    with pytest.raises(CheckpointError, match=r"step-0000002 was made with optimizer.lr = 0.003, and this config "
+                                              r"says 0.01") as e:
+        train(changed, quiet=True, resume=True)
+    assert e.value.setting == "optimizer"
+    cadence = load_train_config(make_config(tmp_path, tiny_dus, max_steps=4, save_every=1, log_every=1))
+    assert train(cadence, quiet=True, resume=True).steps == 4
+
+
+def test_the_base_loss_is_measured_on_the_same_rows_and_drawn(tmp_path, tiny_llama, tiny_dus):
+    """An identity upscale starts exactly at its base: step 0's validation loss equals the baseline's, measured
+    by loading the base on the same rows. A solar upscale starts above it (the seam's cost)."""
+    from click.testing import CliRunner
+
+    from dus_plugin.cli import main
+
+    recipe = tmp_path / "identity.yml"
+    assert CliRunner().invoke(main, ["plan", str(tiny_llama), "--drop", "2", "--method", "identity",
+                                     "-o", str(recipe)]).exit_code == 0
+    upscale(recipe, tmp_path / "identity", UpscaleOptions(quiet=True, forward=False))
+    for name, model in (("identity", tmp_path / "identity"), ("solar", tiny_dus)):
+        cfg = load_train_config(make_config(tmp_path / name, model, max_steps=2, eval_on_start=True,
+                                            baseline_model=str(tiny_llama), seam={"focus": "none"}))
+        train(cfg, quiet=True)
+        row0 = json.loads((tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()[0])
+        assert row0["step"] == 0 and row0["baseline_val_loss"] > 0
+        if name == "identity":
+            assert row0["val_loss"] == row0["baseline_val_loss"]
+        else:
+            assert row0["val_loss"] > row0["baseline_val_loss"] + 0.01
+        assert (tmp_path / name / "run" / "loss_curve.png").stat().st_size > 10_000
+    missing = load_train_config(make_config(tmp_path / "bad", tiny_dus, baseline_model=str(tmp_path / "nope")))
+    with pytest.raises(TrainConfigError, match="baseline model folder .* does not exist; set `baseline_model`"):
+        train(missing, quiet=True)
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tiny_dus):
     cfg = load_train_config(make_config(tmp_path, tiny_dus, max_steps=40, save_every=1, grad_clip=None,
                                         optimizer={"lr": 1e12}, schedule={"warmup_steps": 0}, seam={"focus": "none"}))

@@ -96,7 +96,7 @@ def tensors_follow_map(out: Path, base: Path, prefix: str, layer_map: list[int],
 def per_layer_lists_follow_map(out: Path, base: Path, layer_map: list[int]) -> None:
     cfg, base_cfg = (json.loads((f / "config.json").read_text()) for f in (out, base))
     n = len(set(layer_map)) if max(layer_map) + 1 == len(set(layer_map)) else max(layer_map) + 1
-    from dus_plugin.configfix import LAYER_INDEX_KEYS
+    from dus_plugin.families import LAYER_INDEX_KEYS
 
     for key, value in base_cfg.items():
         if key == "mlp_only_layers" and (base_cfg.get("decoder_sparse_step") or 1) > 1:

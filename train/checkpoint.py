@@ -73,3 +73,87 @@ def save(accelerator: Any, root: Path, step: int, state: dict[str, Any], keep_la
 def load(accelerator: Any, path: Path) -> dict[str, Any]:
     accelerator.load_state(str(path))
     return json.loads((path / STATE).read_text())
+
+
+# Settings that fix what a run computes: a checkpoint resumed under other values would continue another run.
+RUN_IDENTITY = ("model", "data", "global_batch_size", "max_steps", "max_tokens", "optimizer", "schedule", "grad_clip",
+                "precision", "master_weights", "train_only", "seam", "seed")
+# Of those, the parts that may change freely: where tokens are cached, and a kernel choice.
+_FREE = {"data": {"cache_dir"}, "optimizer": {"fused"}}
+
+
+def run_identity(cfg: Any) -> dict[str, Any]:
+    """The settings a checkpoint records, to refuse a resume under different ones."""
+    dump = cfg.model_dump(mode="json", include=set(RUN_IDENTITY))
+    for key, free in _FREE.items():
+        if isinstance(dump.get(key), dict):
+            dump[key] = {k: v for k, v in dump[key].items() if k not in free}
+    return dump
+
+
+def first_change(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted setting, saved value, current value) of the first difference, or None."""
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if (found := first_change(a, b, f"{prefix}{key}.")) is not None:
+                return found
+        elif a != b:
+            return f"{prefix}{key}", a, b
+    return None
+
+
+class CheckpointManager:
+    """A run's checkpoints: where they live, when one is due, how many are kept, and whether the one found at
+    resume was made by this configuration (torchtitan's CheckpointManager)."""
+
+    def __init__(self, cfg: Any, accelerator: Any) -> None:
+        self.cfg, self.accelerator = cfg, accelerator
+        self.out = Path(cfg.output_dir)
+        self.root = self.out / "checkpoints"
+
+    def latest(self) -> Path | None:
+        return latest(self.root)
+
+    def claim(self, resume: bool, overwrite: bool) -> None:
+        """A folder with checkpoints is continued or started over only when asked: never silently from step 0."""
+        existing = self.latest()
+        if existing is None or resume:
+            return
+        if not overwrite:
+            raise CheckpointError(f"{self.out} already has training checkpoint {existing.name}; set `resume` to "
+                                  "continue from it, or `overwrite` to start over (its checkpoints and metrics are "
+                                  "removed)", setting="resume")
+        if self.accelerator.is_main_process:
+            for item in self.out.iterdir():
+                if item.name != "token_cache":  # tokenized data does not depend on the run
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+        self.accelerator.wait_for_everyone()
+
+    def due(self, done: int, end: int) -> bool:
+        """Save after step ``done``: every ``save_every`` steps, and at the end of the schedule or of this job."""
+        cfg = self.cfg
+        return bool(cfg.save_every and done % cfg.save_every == 0) or (cfg.save_final and done in (cfg.total_steps(),
+                                                                                                     end))
+
+    def save(self, done: int, tokens: int) -> Path:
+        state = {"step": done, "tokens": tokens, "samples": done * self.cfg.global_batch_size,
+                 "config": run_identity(self.cfg)}
+        return save(self.accelerator, self.root, done, state, self.cfg.keep_last)
+
+    def resume(self) -> tuple[int, int]:
+        """(step, tokens) of the latest checkpoint, loaded; (0, 0) when there is none. A checkpoint made under
+        other run settings is refused, naming the first one that changed."""
+        last = self.latest()
+        if last is None:
+            LOG.info("no checkpoint in %s; starting from step 0", self.root)
+            return 0, 0
+        saved = json.loads((last / STATE).read_text()).get("config")
+        if saved is not None and (change := first_change(saved, run_identity(self.cfg))) is not None:
+            key, was, now = change
+            raise CheckpointError(f"checkpoint {last.name} was made with {key} = {json.dumps(was)}, and this config "
+                                  f"says {json.dumps(now)}; set it back to continue that run, or set `overwrite` "
+                                  "to start over", setting=key.split(".")[0])
+        state = load(self.accelerator, last)
+        LOG.info("resumed from %s at step %d", last, state["step"])
+        return state["step"], state["tokens"]

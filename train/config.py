@@ -7,7 +7,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dus_plugin.errors import DusError, TrainConfigError
+from dus_plugin.errors import TrainConfigError
+from dus_plugin.eval.settings import HookSettings
 from dus_plugin.io import model_folder_problem, read_yaml_mapping
 from dus_plugin.validation import first_error
 
@@ -102,14 +103,6 @@ class TrainOnlyConfig(Strict):
     """Also train what is outside the layer stack: embeddings, final norm, output head."""
 
 
-class EvalHookConfig(Strict):
-    every: int = Field(0, ge=0)
-    """Run the eval hook every N steps (0: only at the end, if text_files are given)."""
-    text_files: list[str] = []
-    """Held-out text files for perplexity (dus_plugin.eval); empty: validation loss only."""
-    max_tokens: int = Field(20000, gt=0)
-
-
 class ProfileConfig(Strict):
     start: int = Field(10, ge=0)
     """First profiled step (after torch.compile's warm-up steps)."""
@@ -165,8 +158,12 @@ class TrainConfig(Strict):
     eval_on_start: bool = False
     """Also measure validation loss before the first step (logged at step 0): the seam's cost, on the same rows."""
     val_batches: int = Field(8, gt=0)
+    baseline_model: Optional[str] = None
+    """A model folder (the base before growing) whose validation loss is measured once before training, on the
+    same held-out rows, and drawn as a line on the loss curve; `dus run` sets it to its base."""
     seam: SeamConfig = SeamConfig()
-    eval: EvalHookConfig = EvalHookConfig()
+    eval: HookSettings = HookSettings()
+    """Held-out perplexity during training (dus_plugin.eval); no text_files: validation loss only."""
     tensorboard: bool = True
     profile: Optional[ProfileConfig] = None
     """Profile a few steps with torch.profiler: OUTPUT_DIR/profile.json says where the step's time goes."""
@@ -214,6 +211,12 @@ def check_model_folder(model: str) -> None:
     if problem := model_folder_problem(model):
         raise TrainConfigError(f"model folder {problem}; set `model` to the folder `dus upscale` wrote "
                                "(e.g. `dus upscale configs/dus_solar.yml out/dus` first)", setting="model")
+
+
+def check_baseline_folder(folder: str | None) -> None:
+    if folder and (problem := model_folder_problem(folder)):
+        raise TrainConfigError(f"baseline model folder {problem}; set `baseline_model` to the base's folder, or "
+                               "leave it out", setting="baseline_model")
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:

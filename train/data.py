@@ -198,9 +198,6 @@ class PackedData:
             mask = self.source_of == s
             self.rank_in_source[mask] = np.arange(mask.sum())
 
-    @property
-    def train_tokens(self) -> int:
-        return sum(s.n_train for s in self.splits) * self.cfg.seq_len
 
     def _permutation(self, s: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, s, epoch]).permutation(self.splits[s].n_train)

@@ -1,9 +1,8 @@
-"""The training loop: one readable loop over accelerate (one GPU, DDP, FSDP or DeepSpeed alike)."""
+"""The trainer in parts, over accelerate (one GPU, DDP, FSDP or DeepSpeed alike): ``setup`` makes a ``Run``,
+``fit`` takes its steps, ``finish`` exports and summarises; ``CheckpointManager`` owns the checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import json
 import logging
 import math
@@ -14,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from dus_plugin.errors import CheckpointError, DusError, Interrupted, TrainConfigError, TrainingDiverged
+from dus_plugin.errors import DusError, Interrupted, TrainConfigError, TrainingDiverged
 from dus_plugin.train import checkpoint, memory
+from dus_plugin.train.checkpoint import CheckpointManager
 from dus_plugin.train.compiled import compile_model
-from dus_plugin.train.config import TrainConfig, check_model_folder
+from dus_plugin.train.config import TrainConfig, check_baseline_folder, check_model_folder
 from dus_plugin.train.data import PackedData, check_sources
 from dus_plugin.train.metrics import MetricsLog, plot_loss
 from dus_plugin.train.profile import StepProfiler
@@ -127,9 +127,34 @@ def _adamw8bit(cfg: TrainConfig, groups: list[dict[str, Any]]):
                      bf16_stochastic_round=cfg.master_weights == "bf16")
 
 
+@dataclass
+class Run:
+    """What ``setup`` made and ``fit`` and ``finish`` use: the prepared model and optimizer, the data, the
+    checkpoint manager, the metrics, and the progress so far."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    checkpoints: CheckpointManager
+    model: Any
+    tokenizer: Any
+    data: PackedData
+    opt: Any
+    sched: Any
+    metrics: MetricsLog
+    hook: Any
+    estimate_gb: float
+    start: int = 0
+    tokens_seen: int = 0
+    baseline_loss: float | None = None
+    last_loss: float | None = None
+    last_val: float | None = None
+    rate: float | None = None
+    phase_losses: dict[str, list[float]] = field(default_factory=dict)
+
+
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_after: int | None = None,
           overwrite: bool = False, echo: Callable[[str], Any] | None = None) -> TrainResult:
-    """Run (or resume) the configured training; return what it did.
+    """Run (or resume) the configured training: ``setup`` -> ``fit`` -> ``finish``; return what it did.
 
     ``stop_after``: end after this many steps (counted from 0) with a checkpoint and no export,
     for jobs with a time budget; ``resume=True`` later continues the same schedule. An output folder
@@ -137,121 +162,172 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
     Interrupted, whose message says what is on disk and how to continue. ``echo``: where the memory estimate
     is shown before the model loads [default: the log].
     """
-    from accelerate.utils import set_seed
-    from tqdm import tqdm
-
     if cfg.precision == "fp8":  # before the Accelerator fixes this process's mixed precision
         from dus_plugin.train.fp8 import require_float8
 
         require_float8()
     accelerator = _accelerator(cfg)
-    out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
-    _claim_output(out, ckpt_root, resume, overwrite, accelerator)
-    if resume and (done := _finished(cfg, ckpt_root)) is not None:
+    checkpoints = CheckpointManager(cfg, accelerator)
+    checkpoints.claim(resume, overwrite)
+    if resume and (done := _finished(cfg, checkpoints)) is not None:
         return done
+    run = setup(cfg, accelerator, checkpoints, resume, quiet, echo)
+    end = run.cfg.total_steps() if stop_after is None else min(run.cfg.total_steps(), stop_after)
+    fit(run, end, quiet)
+    return finish(run, end)
+
+
+def setup(cfg: TrainConfig, accelerator, checkpoints: CheckpointManager, resume: bool, quiet: bool,
+          echo: Callable[[str], Any] | None) -> Run:
+    """Everything before the first step: the data checked and tokenized, the memory planned, the baseline
+    measured, the model and optimizer made and prepared, and the latest checkpoint loaded when resuming."""
+    from accelerate.utils import set_seed
+
     check_sources(cfg.data)  # before the estimate and the model load: a typo costs nothing
+    check_model_folder(cfg.model)
+    check_baseline_folder(cfg.baseline_model)
     set_seed(cfg.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    need = memory.check_fits(cfg, world, accelerator.distributed_type.value, accelerator.device.type)
+    need = memory.check_fits(cfg, accelerator.num_processes, accelerator.distributed_type.value,
+                             accelerator.device.type)
     if accelerator.is_main_process:
         (echo or LOG.info)(need.table())
-    accum, total = cfg.grad_accum(world), cfg.total_steps()
     model, tokenizer = _load_model(cfg, accelerator)
-    failed = None
-    with accelerator.main_process_first():
-        try:
-            data = PackedData(cfg.data, tokenizer, Path(cfg.data.cache_dir or out / "token_cache"), cfg.seed,
-                              total * cfg.global_batch_size, show_progress=accelerator.is_main_process and not quiet)
-        except DusError as e:  # leave through the barrier, or the other ranks die waiting at it
-            failed = e
-    if failed is not None:
-        raise failed
+    data = _packed_data(cfg, tokenizer, accelerator, quiet)
     opt, sched = _optimizer(cfg, model, accelerator)
     _attention_backend(cfg.attention_backend)
     if cfg.compile:
         model = compile_model(model, cfg.compile_scope)
     model, opt = accelerator.prepare(model, opt)
     accelerator.register_for_checkpointing(sched)
+    start, tokens = checkpoints.resume() if resume else (0, 0)
+    run = Run(cfg, accelerator, checkpoints, model, tokenizer, data, opt, sched,
+              MetricsLog(Path(cfg.output_dir), accelerator.is_main_process, cfg.tensorboard, resume_step=start),
+              _eval_hook(cfg), round(need.total / 1e9, 2), start, tokens)
+    if cfg.baseline_model and start == 0:
+        run.baseline_loss = baseline_loss(cfg, data, accelerator)
+    return run
 
-    start, tokens_seen = 0, 0
-    if resume and (last := checkpoint.latest(ckpt_root)) is not None:
-        state = checkpoint.load(accelerator, last)
-        start, tokens_seen = state["step"], state["tokens"]
-        LOG.info("resumed from %s at step %d", last, start)
-    elif resume:
-        LOG.info("no checkpoint in %s; starting from step 0", ckpt_root)
-    metrics = MetricsLog(out, accelerator.is_main_process, cfg.tensorboard, resume_step=start)
-    hook = _eval_hook(cfg)
-    tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
-    focus_steps = cfg.seam.focus_steps if cfg.seam.focus != "none" else 0
-    bar = tqdm(total=total, initial=start, desc="Training", unit="step",
+
+def _packed_data(cfg: TrainConfig, tokenizer, accelerator, quiet: bool) -> PackedData:
+    """The tokenized, packed data; the main process tokenizes first, the others read its cache."""
+    failed = None
+    with accelerator.main_process_first():
+        try:
+            return PackedData(cfg.data, tokenizer, Path(cfg.data.cache_dir or Path(cfg.output_dir) / "token_cache"),
+                              cfg.seed, cfg.total_steps() * cfg.global_batch_size,
+                              show_progress=accelerator.is_main_process and not quiet)
+        except DusError as e:  # leave through the barrier, or the other ranks die waiting at it
+            failed = e
+    raise failed
+
+
+def fit(run: Run, end: int, quiet: bool) -> None:
+    """The steps from ``run.start`` to ``end``, each followed by its logging, evaluation and checkpoint."""
+    from tqdm import tqdm
+
+    cfg, accelerator = run.cfg, run.accelerator
+    if cfg.eval_on_start and run.start == 0 or run.baseline_loss is not None:
+        _log_start(run)
+    bar = tqdm(total=cfg.total_steps(), initial=run.start, desc="Training", unit="step",
                disable=not accelerator.is_main_process or quiet)
-    last_loss = last_val = None
-    if cfg.eval_on_start and start == 0:
-        last_val = validation_loss(cfg, model, data, accelerator)
-        row0 = {"step": 0, "tokens": 0, "val_loss": last_val}
-        if hook is not None:  # the held-out texts at step 0 too: the seam's cost on every domain
-            row0["val_perplexity"] = hook.run(model, tokenizer, 0, write=accelerator.is_main_process,
-                                              device=accelerator.device)["perplexity"]["perplexity"]
-        metrics.log(row0)
-    phase_losses: dict[str, list[float]] = {}
-    t_log, tok_log, rate = time.perf_counter(), 0, None
-    model.train()
-    end = total if stop_after is None else min(total, stop_after)
-    step = start
-    profiler = StepProfiler(out, cfg.profile.start, cfg.profile.steps, accelerator.device.type) \
+    profiler = StepProfiler(Path(cfg.output_dir), cfg.profile.start, cfg.profile.steps, accelerator.device.type) \
         if cfg.profile and accelerator.is_main_process else None
+    clock = _Clock()
+    run.model.train()
+    step = run.start
     try:
-        for step in range(start, end):
-            if profiler:
-                profiler.step_begins(step)
-            loss = _train_step(cfg, model, opt, data, accelerator, step, accum, world, rank)
-            if profiler and (written := profiler.step_done(step)):
-                LOG.info("profile of steps %d-%d: %s", cfg.profile.start, step, written)
-            if not math.isfinite(loss):
-                good = checkpoint.latest(ckpt_root)
-                raise TrainingDiverged(
-                    f"loss became {loss} at step {step + 1}; weights were not updated with it and the last good "
-                    f"checkpoint is {good or 'none (set save_every)'}; lower optimizer.lr or set grad_clip")
-            step_lr = float(max(sched.get_last_lr()))  # the rate this step used; sched.step() sets the next one
-            sched.step()
-            tokens_seen += tokens_per_step
-            tok_log += tokens_per_step
-            last_loss = loss
-            phase = "focus" if step < focus_steps else "all"
-            phase_losses.setdefault(phase, []).append(loss)
-            done = step + 1
-            row: dict[str, Any] = {}
-            if done % cfg.log_every == 0 or done == total:
-                rate = tok_log / (time.perf_counter() - t_log)
-                row = {"loss": loss, "lr": step_lr, "tokens_per_s": rate, "phase": phase}
-                t_log, tok_log = time.perf_counter(), 0
-            if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
-                last_val = validation_loss(cfg, model, data, accelerator)
-                row["val_loss"] = last_val
-            if hook is not None and hook.should_run(done, final=done == total):
-                ppl = hook.run(model, tokenizer, done, write=accelerator.is_main_process, device=accelerator.device)
-                row["val_perplexity"] = ppl["perplexity"]["perplexity"]
-            if row:
-                metrics.log({"step": done, "tokens": tokens_seen, **row})
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}" if rate else "-")
-            if (cfg.save_every and done % cfg.save_every == 0) or (cfg.save_final and done in (total, end)):
-                checkpoint.save(accelerator, ckpt_root, done, {"step": done, "tokens": tokens_seen,
-                                                               "samples": done * cfg.global_batch_size}, cfg.keep_last)
+        for step in range(run.start, end):
+            loss = _profiled_step(run, step, profiler)
+            _after_step(run, step, loss, clock, end)
+            if run.rate is not None:
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run.rate:.0f}")
             bar.update(1)
     except KeyboardInterrupt:
-        raise Interrupted(_on_disk(out, ckpt_root, step)) from None
+        raise Interrupted(_on_disk(run.checkpoints, step)) from None
     bar.close()
-    metrics.close()
-    result = TrainResult(end, tokens_seen, last_loss, last_val, str(out),
-                         phases={k: sum(v) / len(v) for k, v in phase_losses.items()}, tokens_per_second=rate,
-                         processes=world, distributed_type=str(accelerator.distributed_type.value),
-                         estimate_gb=round(need.total / 1e9, 2), peak_gpu_gb=_peak_gpu_gb(accelerator))
+    run.metrics.close()
+
+
+@dataclass
+class _Clock:
+    """Tokens since the last logged step, and when that was: the tokens/s of each log row."""
+
+    since: float = field(default_factory=time.perf_counter)
+    tokens: int = 0
+
+    def rate(self) -> float:
+        rate = self.tokens / (time.perf_counter() - self.since)
+        self.since, self.tokens = time.perf_counter(), 0
+        return rate
+
+
+def _log_start(run: Run) -> None:
+    """Step 0: validation loss before any update (the seam's cost), the held-out texts, the base's loss."""
+    row: dict[str, Any] = {"step": 0, "tokens": 0}
+    if run.cfg.eval_on_start:
+        run.last_val = row["val_loss"] = validation_loss(run.cfg, run.model, run.data, run.accelerator)
+        if run.hook is not None:
+            row["val_perplexity"] = run.hook.run(run.model, run.tokenizer, 0, write=run.accelerator.is_main_process,
+                                                 device=run.accelerator.device)["perplexity"]["perplexity"]
+    if run.baseline_loss is not None:
+        row["baseline_val_loss"] = run.baseline_loss
+    run.metrics.log(row)
+
+
+def _profiled_step(run: Run, step: int, profiler: StepProfiler | None) -> float:
+    if profiler:
+        profiler.step_begins(step)
+    loss = _train_step(run.cfg, run.model, run.opt, run.data, run.accelerator, step,
+                       run.cfg.grad_accum(run.accelerator.num_processes), run.accelerator.num_processes,
+                       run.accelerator.process_index)
+    if profiler and (written := profiler.step_done(step)):
+        LOG.info("profile of steps %d-%d: %s", run.cfg.profile.start, step, written)
+    if not math.isfinite(loss):
+        good = run.checkpoints.latest()
+        raise TrainingDiverged(
+            f"loss became {loss} at step {step + 1}; weights were not updated with it and the last good "
+            f"checkpoint is {good or 'none (set save_every)'}; lower optimizer.lr or set grad_clip")
+    return loss
+
+
+def _after_step(run: Run, step: int, loss: float, clock: _Clock, end: int) -> None:
+    """The schedule moves on; the step is logged, evaluated and checkpointed at their cadence."""
+    cfg, done, total = run.cfg, step + 1, run.cfg.total_steps()
+    step_lr = float(max(run.sched.get_last_lr()))  # the rate this step used; sched.step() sets the next one
+    run.sched.step()
+    tokens = cfg.global_batch_size * cfg.data.seq_len
+    run.tokens_seen += tokens
+    clock.tokens += tokens
+    run.last_loss = loss
+    phase = "focus" if cfg.seam.focus != "none" and step < cfg.seam.focus_steps else "all"
+    run.phase_losses.setdefault(phase, []).append(loss)
+    row: dict[str, Any] = {}
+    if done % cfg.log_every == 0 or done == total:
+        run.rate = clock.rate()
+        row = {"loss": loss, "lr": step_lr, "tokens_per_s": run.rate, "phase": phase}
+    if (cfg.eval_every and done % cfg.eval_every == 0) or done == total:
+        run.last_val = row["val_loss"] = validation_loss(cfg, run.model, run.data, run.accelerator)
+    if run.hook is not None and run.hook.should_run(done, final=done == total):
+        row["val_perplexity"] = run.hook.run(run.model, run.tokenizer, done, write=run.accelerator.is_main_process,
+                                             device=run.accelerator.device)["perplexity"]["perplexity"]
+    if row:
+        run.metrics.log({"step": done, "tokens": run.tokens_seen, **row})
+    if run.checkpoints.due(done, end):
+        run.checkpoints.save(done, run.tokens_seen)
+
+
+def finish(run: Run, end: int) -> TrainResult:
+    """The result, the loss curve, the export (when the schedule is done) and train_summary.json."""
+    accelerator, out = run.accelerator, Path(run.cfg.output_dir)
+    result = TrainResult(end, run.tokens_seen, run.last_loss, run.last_val, str(out),
+                         phases={k: sum(v) / len(v) for k, v in run.phase_losses.items()},
+                         tokens_per_second=run.rate, processes=accelerator.num_processes,
+                         distributed_type=str(accelerator.distributed_type.value), estimate_gb=run.estimate_gb,
+                         peak_gpu_gb=_peak_gpu_gb(accelerator))
     if accelerator.is_main_process:
-        plot_loss(metrics.rows(), out / "loss_curve.png")
-    if cfg.export and end == total:
-        result.export_dir = str(export(cfg, model, tokenizer, accelerator, result))
+        plot_loss(run.metrics.rows(), out / "loss_curve.png")
+    if run.cfg.export and end == run.cfg.total_steps():
+        result.export_dir = str(export(run.cfg, run.model, run.tokenizer, accelerator, result))
     if accelerator.is_main_process:
         (out / "train_summary.json").write_text(json.dumps(asdict(result), indent=2))
     accelerator.end_training()
@@ -278,34 +354,18 @@ def _peak_gpu_gb(accelerator) -> float | None:
     return round(torch.cuda.max_memory_allocated(accelerator.device) / 1e9, 2)
 
 
-def _on_disk(out: Path, ckpt_root: Path, step: int) -> str:
-    last = checkpoint.latest(ckpt_root)
+def _on_disk(checkpoints: CheckpointManager, step: int) -> str:
+    last = checkpoints.latest()
     kept = [f"checkpoint {last}" if last else "no checkpoint yet (set save_every to checkpoint during the run)"]
-    if (out / "metrics.jsonl").is_file():
-        kept.append(f"metrics {out / 'metrics.jsonl'}")
+    if (checkpoints.out / "metrics.jsonl").is_file():
+        kept.append(f"metrics {checkpoints.out / 'metrics.jsonl'}")
     resume = (f"continue from {last.name} with `resume`" if last else "start again with `overwrite`")
     return f"training interrupted in step {step + 1}; kept: {', '.join(kept)}; {resume}"
 
 
-def _claim_output(out: Path, ckpt_root: Path, resume: bool, overwrite: bool, accelerator) -> None:
-    """A folder with checkpoints is continued or started over only when asked: never silently from step 0."""
-    existing = checkpoint.latest(ckpt_root)
-    if existing is None or resume:
-        return
-    if not overwrite:
-        raise CheckpointError(f"{out} already has training checkpoint {existing.name}; set `resume` to continue from "
-                              "it, or `overwrite` to start over (its checkpoints and metrics are removed)",
-                              setting="resume")
-    if accelerator.is_main_process:
-        for item in out.iterdir():
-            if item.name != "token_cache":  # tokenized data does not depend on the run
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-    accelerator.wait_for_everyone()
-
-
-def _finished(cfg: TrainConfig, ckpt_root: Path) -> TrainResult | None:
+def _finished(cfg: TrainConfig, checkpoints: CheckpointManager) -> TrainResult | None:
     """The finished run's result, when ``resume`` finds nothing left to do."""
-    last = checkpoint.latest(ckpt_root)
+    last = checkpoints.latest()
     summary = Path(cfg.output_dir) / "train_summary.json"
     if last is None or checkpoint.step_of(last) < cfg.total_steps() or not summary.is_file():
         return None
@@ -320,8 +380,7 @@ def _eval_hook(cfg: TrainConfig):
         return None
     from dus_plugin.eval.hook import EvalHook
 
-    return EvalHook(cfg.eval.text_files, cfg.output_dir, every=cfg.eval.every, max_tokens=cfg.eval.max_tokens,
-                    max_length=cfg.data.seq_len, model_dir=cfg.model)
+    return EvalHook(cfg.eval, cfg.output_dir, seq_len=cfg.data.seq_len, model_dir=cfg.model)
 
 
 def _train_step(cfg: TrainConfig, model, opt, data: PackedData, accelerator, step: int, accum: int,
@@ -375,9 +434,24 @@ def validation_loss(cfg: TrainConfig, model, data: PackedData, accelerator) -> f
     return (total[0] / total[1]).item()
 
 
+def baseline_loss(cfg: TrainConfig, data: PackedData, accelerator) -> float | None:
+    """``validation_loss`` of ``cfg.baseline_model`` (loaded alone, then freed): the line growth must beat."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.bf16_compute else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.baseline_model, dtype=dtype, attn_implementation="sdpa")
+    model.to(accelerator.device)
+    loss = validation_loss(cfg, model, data, accelerator)
+    del model
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+    LOG.info("baseline %s: validation loss %.4f", cfg.baseline_model, loss if loss is not None else float("nan"))
+    return loss
+
+
 def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult) -> Path:
     """An HF folder (safetensors, tokenizer, manifest with this run appended), renamed into place."""
-    import torch
 
     final = Path(cfg.output_dir) / "final"
     tmp = Path(cfg.output_dir) / ".tmp-final"

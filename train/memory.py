@@ -27,6 +27,7 @@ from typing import Any
 
 from dus_plugin.plan import human_count
 from dus_plugin.train.config import TrainConfig, check_model_folder
+from dus_plugin.validation import deep_merged
 
 GB = 1e9
 SHARDED = ("FSDP", "DEEPSPEED")
@@ -228,7 +229,7 @@ def what_fits(cfg: TrainConfig, processes: int, distributed_type: str, capacity:
     changed = cfg.model_dump()
     said: list[str] = []
     for words, change in REMEDIES:
-        changed = _merge(changed, change)
+        changed = deep_merged(changed, change)
         said.append(words)
         try:
             trial = TrainConfig.model_validate(changed)
@@ -239,13 +240,6 @@ def what_fits(cfg: TrainConfig, processes: int, distributed_type: str, capacity:
         if need.total <= capacity:
             return f"{', '.join(said)} (about {size(need.total)})"
     return None
-
-
-def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in change.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def check_fits(cfg: TrainConfig, processes: int, distributed_type: str, device_type: str) -> MemoryEstimate:

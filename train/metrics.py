@@ -52,7 +52,8 @@ class MetricsLog:
 
 
 def plot_loss(rows: list[dict[str, Any]], path: Path, title: str = "Continued pretraining") -> Path | None:
-    """Train (and validation) loss against tokens seen; None when matplotlib is missing."""
+    """Train and validation loss against tokens seen, and the base model's validation loss as a line when it was
+    measured (``baseline_model``); None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -70,6 +71,9 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, title: str = "Continued pr
         ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
         if val[0][0] == 0:  # eval_on_start: the seam's cost before any update
             ax.annotate(f"step 0: {val[0][1]:.3f}", val[0], textcoords="offset points", xytext=(8, 4), fontsize=8)
+    baseline = next((r["baseline_val_loss"] for r in rows if r.get("baseline_val_loss") is not None), None)
+    if baseline is not None:  # the base before growing, on the same validation rows: the line to get under
+        ax.axhline(baseline, color="gray", ls="--", lw=1, label=f"base model's validation loss ({baseline:.3f})")
     focus = [r["tokens"] for r in rows if r.get("phase") == "focus"]
     if focus:
         ax.axvspan(0, max(focus), color="tab:orange", alpha=0.12, label="seam focus (only chosen layers train)")
@@ -77,7 +81,7 @@ def plot_loss(rows: list[dict[str, Any]], path: Path, title: str = "Continued pr
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if train or val or focus:
+    if train or val or focus or baseline is not None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -7,7 +7,6 @@ weight bit-for-bit unchanged, weight decay included).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -12,7 +12,7 @@ from pydantic import ConfigDict
 
 from dus_plugin.errors import BaseModelError, PlanError
 from dus_plugin.plan import DusPlan, layer_list_plan, layout_plan, parse_layers
-from dus_plugin.source import BaseModel
+from dus_plugin.source import ResolvedBase
 
 LOG = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class PlanOptions(Model):
 
 @dataclass
 class PlannedRecipe:
-    base: BaseModel
+    base: ResolvedBase
     plan: DusPlan
     doc: dict
     """The mergekit YAML document."""
@@ -62,7 +62,6 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     for name in ("drop", "repeat"):  # before the base is read, so a typo costs no model load
         if (value := getattr(options, name)) is not None and value < 1:
             raise PlanError(f"`{name}` must be at least 1 (got {value}); leave it out for the default", setting=name)
-    from dus_plugin.architecture import layer_stack, param_count, upscaled_config
     from dus_plugin.llamacpp import notes_for as llama_cpp_notes
     from dus_plugin.recipe import build_recipe
     from dus_plugin.source import mergekit_architectures, padded_vocab, resolve_base
@@ -71,19 +70,21 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
                                        or options.layout != "solar"):
         raise PlanError("`layers` is an alternative to `layout`, `drop` and `repeat`; give one", setting="layers")
     base = resolve_base(base_ref, options.revision)
-    names = base_tensor_names(base)
-    stack = layer_stack(base.config, names)
-    plan = _explicit_plan(base.config, options) if options.layers else \
-        layout_plan(base.config, options.layout, options.drop, options.repeat)
-    upscaled_config(base.config, plan.layer_map)
-    plan = plan.with_params(param_count(base.config, plan.layer_map))  # counted on the model: any family
+    arch, names = base.arch, base_tensor_names(base)
+    arch.check_scope()
+    if names is not None:
+        arch.check_tensor_names(names)
+    plan = _explicit_plan(arch.n, options) if options.layers else \
+        layout_plan(arch.n, options.layout, options.drop, options.repeat)
+    arch.check_layers(plan.layer_map)
+    plan = plan.with_params(arch.param_count(plan.layer_map))  # counted on the model: any family
     filters: tuple[str, ...] = ()
     if options.method in ("identity", "average"):
-        filters = identity_filters(base, stack, names, options.method)
+        filters = identity_filters(base, names, options.method)
     dtype = options.dtype or base.config.get("dtype") or base.config.get("torch_dtype")
     notes: list[str] = []
     if options.layers is None and options.drop is None and options.layout != "stack" and plan.n % 4:
-        notes.append(f"m = n/4 = {plan.n}/4 = {plan.n / 4:g}, rounded down to m = {plan.overlap} (s = {plan.s}); "
+        notes.append(f"m = n/4 = {plan.n}/4 = {plan.n / 4:g}, rounded down to m = {plan.m} (s = {plan.s}); "
                      "choose another overlap with --drop (upscale.drop in a run recipe)")
     padded = padded_vocab(base) if options.tokenizer_source == "auto" else None
     if padded:
@@ -104,10 +105,10 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     return PlannedRecipe(base, plan, doc, notes)
 
 
-def _explicit_plan(config: dict, options: PlanOptions) -> DusPlan:
+def _explicit_plan(n: int, options: PlanOptions) -> DusPlan:
     """The plan of a `layers` spec; one that skips a base layer (0:10,12:32) is a typo unless gaps are allowed."""
     layers = parse_layers(options.layers or "")
-    plan = layer_list_plan(config, layers)
+    plan = layer_list_plan(n, layers)
     missing = sorted(set(range(plan.n)) - set(layers))
     if missing and not options.allow_gaps:
         raise PlanError(f"`layers` {options.layers!r} leaves out base layers {missing[:8]}"
@@ -116,7 +117,7 @@ def _explicit_plan(config: dict, options: PlanOptions) -> DusPlan:
     return plan
 
 
-def base_tensor_names(base: BaseModel) -> list[str] | None:
+def base_tensor_names(base: ResolvedBase) -> list[str] | None:
     """The base's checkpoint tensor names: from its files, or its Hub index; None when neither is at hand."""
     from dus_plugin.tensors import weight_map
 
@@ -134,11 +135,12 @@ def base_tensor_names(base: BaseModel) -> list[str] | None:
         return None
 
 
-def identity_filters(base: BaseModel, stack, names: list[str] | None, method: str = "identity") -> tuple[str, ...]:
+def identity_filters(base: ResolvedBase, names: list[str] | None, method: str = "identity") -> tuple[str, ...]:
     """The residual writers of one layer, as mergekit scale filters."""
-    from dus_plugin.architecture import (PASS_THROUGH_SETTINGS, POST_NORM, RESIDUAL_MIXERS, get_path, shared_in_stack,
-                                         writer_filters)
+    from dus_plugin.architecture import get_path, writer_filters
+    from dus_plugin.families import PASS_THROUGH_SETTINGS, POST_NORM, RESIDUAL_MIXERS
 
+    stack = base.arch.stack
     why = POST_NORM.get(base.config.get("model_type", ""))
     why = next((w for key, w in PASS_THROUGH_SETTINGS.items() if get_path(base.config, key)), why)
     mixers = sorted({m for n in names or () for m in RESIDUAL_MIXERS if stack.index(n) is not None and m in n})
@@ -150,7 +152,7 @@ def identity_filters(base: BaseModel, stack, names: list[str] | None, method: st
     if names is None:
         raise BaseModelError(f"method {method} needs the base's tensor names, and {base.ref} has no readable "
                              "safetensors here or on the Hub; download the base and plan from its folder")
-    filters = writer_filters([n for n in names if stack.index(n) is not None], shared_in_stack(base.config))
+    filters = writer_filters([n for n in names if stack.index(n) is not None], base.arch.shared_in_stack)
     if not filters:
         raise PlanError(f"method {method}: no tensor of {base.architecture}'s layers is known to write into the "
                         "residual stream, so no copy can be made an identity; use method solar")

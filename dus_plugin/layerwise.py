@@ -15,15 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dus_plugin.errors import DusError
+from dus_plugin.errors import ShapeMismatch, StreamUnsupported
 from dus_plugin.tensors import SourceTensor, read_tensor, tensor_headers
-
-class StreamUnsupported(DusError):
-    """This model cannot be run one module at a time; load it whole instead."""
-
-
-class ShapeMismatch(DusError):
-    """A tensor in the files does not have the shape the model class gives it."""
 
 
 def streamed_logits(folder: str | Path, input_ids, round_to: Any = None):

@@ -8,7 +8,8 @@ import torch
 import zoo_checks as zc
 from dus_plugin import zoo
 from dus_plugin.fixtures import make_tiny_model, make_tokenizer
-from dus_plugin.streamed import StreamUnsupported, streamed_logits
+from dus_plugin.errors import StreamUnsupported
+from dus_plugin.layerwise import streamed_logits
 from dus_plugin.tensors import read_tensor, tensor_headers
 from dus_plugin.verify import verify
 
@@ -26,7 +27,7 @@ def test_only_one_part_is_in_memory_at_a_time(tmp_path, monkeypatch):
     """Count the bytes of every weight read from disk while it is alive (freed when the last reference goes)."""
     import weakref
 
-    from dus_plugin import streamed
+    from dus_plugin import layerwise
 
     base = make_tiny_model("llama", tmp_path / "base", layers=16)
     sizes = [t.nbytes for t in tensor_headers(base).values()]
@@ -39,7 +40,7 @@ def test_only_one_part_is_in_memory_at_a_time(tmp_path, monkeypatch):
         weakref.finalize(t.untyped_storage(), lambda n=t.nbytes: live.__setitem__(0, live[0] - n))
         return t
 
-    monkeypatch.setattr(streamed, "read_tensor", counted)
+    monkeypatch.setattr(layerwise, "read_tensor", counted)
     streamed_logits(base, zc.IDS)
     assert live[0] == 0 and 0 < peak[0] <= 2 * max(sizes) < sum(sizes) / 4, (peak, max(sizes), sum(sizes))
 
