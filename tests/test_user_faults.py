@@ -1,7 +1,8 @@
 """Ordinary mistakes and I/O faults of the machine (issue 30): one line, exit != 0, nothing half-written, nothing lost.
 
-Faults are planted for real where a test can make them (latin-1 bytes, a missing folder); a read-only location and
-a full disk are injected at the write itself, because the tests run as root, for whom permission bits do not hold.
+Faults are planted for real where a test can make them (latin-1 bytes, a missing folder); here a read-only
+location and a full disk are injected at the write itself, so they run on any machine. tests/test_real_faults.py
+plants both for real, on tmpfs mounts, where the machine allows a mount.
 """
 
 import errno
@@ -19,7 +20,7 @@ CORPUS = REPO / "data" / "tiny_corpus.txt"
 
 def train_config(tmp_path: Path, model: Path, **over) -> Path:
     cfg = yaml.safe_load((REPO / "configs" / "cpt_tiny.yml").read_text())
-    cfg.update(model=str(model), output_dir=str(tmp_path / "run"), seam={"focus": "none"}, **over)
+    cfg.update({"model": str(model), "output_dir": str(tmp_path / "run"), "seam": {"focus": "none"}, **over})
     cfg["data"]["sources"] = [{"path": str(CORPUS)}]
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
     path = tmp_path / "cfg.yml"

@@ -441,6 +441,7 @@ def baseline_loss(cfg: TrainConfig, data: PackedData, accelerator) -> float | No
 
     dtype = torch.bfloat16 if cfg.bf16_compute else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.baseline_model, dtype=dtype, attn_implementation="sdpa")
+    model.config.use_cache = False  # as the trained model: with a cache, transformers ignores the document mask
     model.to(accelerator.device)
     loss = validation_loss(cfg, model, data, accelerator)
     del model
