@@ -252,6 +252,7 @@ def _body(title: str, manifest: Manifest, base_id: str | None, results: list[dic
         lines += [f"`{name}` (in this repository):", "", "```yaml", text.strip(), "```", ""]
     if train:
         lines += _train_section(train, folder)
+    lines += _family_tree(manifest)
     lines += _llama_cpp_section(folder)
     if results:
         lines += ["## Evaluation", "", compare_table(results), ""]
@@ -265,6 +266,26 @@ def _body(title: str, manifest: Manifest, base_id: str | None, results: list[dic
               + (f"; base revision `{manifest.base.revision}`" if manifest.base and manifest.base.revision else "")
               + ".", "", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def _family_tree(manifest: Manifest) -> list[str]:
+    """Where a merged model comes from: the base, each stage, and the parents each merge averaged."""
+    from dus_plugin.manifest import MergeStage
+
+    merges = [s for s in manifest.stages if isinstance(s, MergeStage)]
+    if not merges:
+        return []
+    lines = ["## Family tree", "", "```", manifest.base_name()]
+    for stage in manifest.stages:
+        if not isinstance(stage, MergeStage):
+            lines.append(f"└─ {stage.stage}")
+            continue
+        how = f"slerp, t = {stage.t}" if stage.method == "slerp" else "linear"
+        lines.append(f"└─ merge ({how}) of:")
+        for p in stage.parents:
+            weight = f" × {p.weight:g}" if p.weight is not None else ""
+            lines.append(f"   ├─ {p.ref}{weight}" + (f"  ({' → '.join(p.stages)})" if p.stages else ""))
+    return lines + ["```", ""]
 
 
 def _summary(manifest: Manifest, base_id: str | None) -> list[str]:

@@ -18,6 +18,7 @@ from dus_plugin.threads import share_cpus_politely
 from dus_plugin.errors import DusError, Interrupted
 from dus_plugin.eval.settings import FLAGS as EVAL_FLAGS
 from dus_plugin.eval.settings import EvalSettings
+from dus_plugin.merge import MergeOptions
 from dus_plugin.options import for_command, model_options, pop_model
 from dus_plugin.planner import PlanOptions
 from dus_plugin.upscale import EngineOptions
@@ -112,6 +113,38 @@ def plan(base: str, output: Path | None, as_json: bool, **options: Any) -> None:
         replaced = output.exists()
         atomic_write_text(output, planned.render(plan_options.method, command=["dus", *sys.argv[1:]]))
         click.echo(f"wrote {output}" + (" (it replaced the file that was there)" if replaced else ""), err=True)
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The merged model's folder.")
+@model_options(MergeOptions)
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Only write the stock mergekit YAML here (run it with mergekit-yaml); merge nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it is not empty (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_handle_errors
+def merge(models: tuple[str, ...], output: Path | None, recipe: Path | None, overwrite: bool, quiet: bool,
+          **options: Any) -> None:
+    """Merge tuned variants of one model (SOLAR-Instruct's last step): the weighted mean (linear) or SLERP of
+    MODELS, as stock mergekit YAML, every tensor checked against the parents. e.g.
+    dus merge out/sft out/dpo --weights 0.3,0.7 -o out/merged"""
+    from dus_plugin import merge as merging
+
+    merge_options = pop_model(MergeOptions, options)
+    if recipe is not None:
+        from dus_plugin.io import atomic_write_text
+
+        merging.check_parents(list(models))
+        atomic_write_text(recipe, merging.render_merge_recipe(merging.merge_recipe(list(models), merge_options)))
+        click.echo(f"wrote {recipe}", err=True)
+        return
+    if output is None:
+        raise click.UsageError("give -o OUTPUT for the merged model (or --recipe FILE to write only the YAML)")
+    m = merging.merge(list(models), output, merge_options, quiet=quiet, overwrite=overwrite)
+    click.echo(f"merged {len(models)} models into {output} ({m.stages[-1].method}); "
+               f"{m.stages[-1].tensors_checked} tensors checked against the parents")
 
 
 @main.command()

@@ -120,3 +120,7 @@ class StreamUnsupported(DusError):
 
 class ShapeMismatch(DusError):
     """A tensor in the files does not have the shape the model class gives it."""
+
+
+class MergeError(DusError, ValueError):
+    """Tuned variants cannot be merged as asked, or their merge is not what the method defines."""

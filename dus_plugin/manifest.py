@@ -105,7 +105,31 @@ class TrainStage(_Record):
     """The training YAML, as validated."""
 
 
-Stage = Annotated[Union[UpscaleStage, TrainStage], Field(discriminator="stage")]
+class MergeParent(_Record):
+    """One model a merge averaged."""
+
+    ref: str
+    local_path: Optional[str] = None
+    """Where it was read on the machine that merged (never shown in a card)."""
+    manifest_sha256: Optional[str] = None
+    """Its dus_manifest.json, which holds its own family tree."""
+    weight: Optional[float] = None
+    """linear: its weight."""
+    stages: list[str] = Field(default_factory=list)
+    """Its stages (upscale, train, ...), for the family tree."""
+
+
+class MergeStage(_Record):
+    stage: Literal["merge"] = "merge"
+    date: str = Field(default_factory=lambda: dt.date.today().isoformat())
+    method: Literal["linear", "slerp"]
+    parents: list[MergeParent]
+    t: Optional[float] = None
+    """slerp: 0 is the first parent, 1 the second."""
+    tensors_checked: int = 0
+
+
+Stage = Annotated[Union[UpscaleStage, TrainStage, MergeStage], Field(discriminator="stage")]
 
 
 class Manifest(_Record):
@@ -144,10 +168,10 @@ class Manifest(_Record):
             return "a base model"
         return self.base.hub_id or Path(self.base.ref).name
 
-    def append_stage(self, stage: UpscaleStage | TrainStage) -> Manifest:
-        """A copy with ``stage`` added; a train stage drops the tensor hashes (the weights moved on)."""
+    def append_stage(self, stage: UpscaleStage | TrainStage | MergeStage) -> Manifest:
+        """A copy with ``stage`` added; a train or merge stage drops the tensor hashes (the weights moved on)."""
         update: dict[str, Any] = {"stages": [*self.stages, stage]}
-        if isinstance(stage, TrainStage):
+        if isinstance(stage, (TrainStage, MergeStage)):
             update["tensors"] = None
         return self.model_copy(update=update)
 
