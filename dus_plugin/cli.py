@@ -182,7 +182,8 @@ def verify(out: Path, base: str | None, no_forward: bool, quiet: bool) -> None:
     from dus_plugin.verify import verify as run
 
     r = run(out, base=base, forward=not no_forward, quiet=quiet)
-    how = ("finite (a trained export: its weights moved on from the upscale by design)" if r.trained else
+    how = ("equal to the merge of their parents, recomputed from the parents' files" if r.against_parents else
+           "finite (a trained export: its weights moved on from the upscale by design)" if r.trained else
            "bitwise equal to their planned base tensors" if r.against_base else
            "matching the manifest's hashes (base not found; pass --base)")
     click.echo(f"ok: {r.tensors} tensors {how}; config and tokenizer follow the plan"

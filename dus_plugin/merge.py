@@ -107,13 +107,15 @@ def check_parents(models: list[str]) -> None:
 def merge(models: list[str], out: str | Path, options: MergeOptions, quiet: bool = False,
           overwrite: bool = False):
     """Merge ``models`` into ``out`` (atomically), check every tensor, record the parents; return the manifest."""
+    from dus_plugin.errors import OutputExistsError
     from dus_plugin.io import atomic_dir
-    from dus_plugin.upscale import prepare_output
 
     out = Path(out).absolute()
     check_parents(models)
     doc = merge_recipe(models, options)
-    prepare_output(out, overwrite)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise OutputExistsError(f"output {out} exists and is not an empty folder; set `overwrite` or choose another "
+                                "folder", setting="overwrite")
     with atomic_dir(out) as tmp:
         _run(doc, tmp, quiet)
         _copy_tokenizer(Path(models[0]), tmp)
@@ -161,6 +163,16 @@ def _manifest(models: list[str], doc: dict[str, Any], checked: int):
     stage = MergeStage(method=doc["merge_method"], parents=parents, t=(doc.get("parameters") or {}).get("t"),
                        tensors_checked=checked)
     return manifest.append_stage(stage)
+
+
+def recheck(folder: Path, quiet: bool = False) -> bool:
+    """Check a merged folder against its parents again (`dus verify`); False when a parent is not at hand."""
+    doc = yaml.safe_load((folder / "mergekit_config.yml").read_text())
+    if not all(Path(m["model"]).is_dir() for m in doc["models"]):
+        LOG.info("the parents of %s are not at hand; its tensors are checked for finite values only", folder)
+        return False
+    check_merge(folder, doc, quiet)
+    return True
 
 
 def check_merge(folder: Path, doc: dict[str, Any], quiet: bool = False) -> int:

@@ -38,6 +38,8 @@ class VerifyReport:
     forward: bool = False
     trained: bool = False
     """A trained export: tensors are checked to be finite, not against the base."""
+    against_parents: bool = False
+    """A merge whose parents are at hand: every tensor was checked against their merge again."""
     held: str = ""
     """How the forward pass held the model: "streamed" (one module at a time) or "whole"."""
 
@@ -71,6 +73,7 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
     base_dir = None if report.trained else _base_dir(manifest, base)
     if report.trained:
         report.tensors = _check_trained(folder, quiet)
+        report.against_parents = _recheck_merge(folder, manifest, quiet)
     else:
         base_config = _base_config(manifest, base_dir)
         if arch is None or arch.config != base_config:
@@ -254,6 +257,20 @@ def _check_hashes(folder: Path, manifest: Manifest, quiet: bool) -> int:
         if hash_range(t.file, t.start, t.nbytes) != planned[name].sha256:
             raise VerifyError(f"tensor {name} in {t.file.name} does not match its hash in the manifest")
     return len(found)
+
+
+def _recheck_merge(folder: Path, manifest: Manifest, quiet: bool) -> bool:
+    from dus_plugin.errors import MergeError
+    from dus_plugin.manifest import MergeStage
+
+    if not manifest.stages or not isinstance(manifest.stages[-1], MergeStage):
+        return False
+    from dus_plugin.merge import recheck
+
+    try:
+        return recheck(folder, quiet)
+    except MergeError as e:
+        raise VerifyError(str(e)) from None
 
 
 def _check_trained(folder: Path, quiet: bool) -> int:

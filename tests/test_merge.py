@@ -64,6 +64,9 @@ def test_linear_merge_is_the_weighted_mean_of_the_parents(variants, tmp_path):
     stage = manifest["stages"][-1]
     assert stage["stage"] == "merge" and [p["weight"] for p in stage["parents"]] == [0.7, 0.3]
     assert (out / "tokenizer_config.json").is_file() and (out / "mergekit_config.yml").is_file()
+    from dus_plugin.verify import verify
+
+    assert verify(out, forward=False, quiet=True).against_parents
 
 
 def test_slerp_merge_follows_the_great_circle(variants, tmp_path):
@@ -110,6 +113,7 @@ def test_the_check_catches_a_wrong_tensor(variants, tmp_path):
     save_file(state, file, metadata={"format": "pt"})
     with pytest.raises(MergeError, match=f"tensor {name} .* is not the linear merge of its parents"):
         check_merge(out, doc, quiet=True)
+    assert_one_line_error(dus("verify", out, "-q"), f"tensor {name}", "is not the linear merge")  # verify too
 
 
 def test_bad_merges_are_one_line(variants, tiny_models, tmp_path):
