@@ -296,8 +296,10 @@ def _eval(r: RunRecipe, model: Path, path: Path, label: str, quiet: bool) -> Non
 
 
 def _with_baseline(cfg, r: RunRecipe):
-    """The base's validation loss goes on the loss curve unless the recipe sets `train.baseline_model` itself."""
-    if "baseline_model" in r.train:
+    """The base's validation loss goes on the loss curve unless the recipe sets `train.baseline_model` itself.
+
+    Not under `launch:`: every process would hold the whole base beside its shard of the grown model."""
+    if "baseline_model" in r.train or r.launch is not None:
         return cfg
     return cfg.model_copy(update={"baseline_model": str(_base_dir(r))})
 

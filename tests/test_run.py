@@ -37,6 +37,8 @@ def test_dus_run_without_a_recipe_chains_every_stage_and_resumes(tmp_path, monke
     assert up["plan"]["n"] == 32 and up["plan"]["s"] == 48
     trained = json.loads((out / "train" / "final" / "eval" / "trained.json").read_text())
     assert trained["stage"] == "trained" and trained["step"] == 4
+    first = json.loads((out / "train" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["baseline_val_loss"] > 0  # the base's line on the loss curve
     card = (out / "train" / "final" / "README.md").read_text()
     assert "base_model_relation: finetune" in card and "| metric | base | upscaled | trained |" in card
     again = CliRunner().invoke(main, ["run", "-q", *short], catch_exceptions=False)

@@ -160,7 +160,8 @@ class TrainConfig(Strict):
     val_batches: int = Field(8, gt=0)
     baseline_model: Optional[str] = None
     """A model folder (the base before growing) whose validation loss is measured once before training, on the
-    same held-out rows, and drawn as a line on the loss curve; `dus run` sets it to its base."""
+    same held-out rows, and drawn as a line on the loss curve; `dus run` sets it to its base on one process. Each
+    process loads the whole model for this, so leave it out where a process cannot hold it beside its shard."""
     seam: SeamConfig = SeamConfig()
     eval: HookSettings = HookSettings()
     """Held-out perplexity during training (dus_plugin.eval); no text_files: validation loss only."""
