@@ -60,8 +60,9 @@ class Architecture:
 
     Made from the base's config.json. It holds the model transformers builds from it on the meta device (built
     on first need, once) and the grown model of each layer map it is asked about, and answers what planning,
-    upscale, stream, verify and the trainer ask about the family: the layer count and its key, the layer stack,
-    the output config, parameter counts, tensors packed per layer, shared tensors and the scope refusal.
+    upscale, stream and verify ask about the family: the layer count and its key, the layer stack, the
+    layer-by-layer check of an output, parameter counts, tensors packed per layer, shared tensors and the scope
+    refusal. (The trainer finds the stack of its own model with ``find_stack``.)
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
@@ -127,11 +128,6 @@ class Architecture:
         prefix = self.stack.prefix
         return frozenset(n for _, names in _names_by_tensor(self.meta) if len(names) > 1
                          for n in names if n.startswith(prefix))
-
-    def upscaled_config(self, layer_map: Sequence[int]) -> dict[str, Any]:
-        """The output config.json dict, checked: every output layer is built exactly as its source layer."""
-        self.check_layers(layer_map)
-        return upscaled_config(self.config, layer_map)
 
     def grown(self, layer_map: Sequence[int]):
         """The output of ``layer_map`` built on the meta device (once per layer map)."""

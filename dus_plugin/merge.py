@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -109,6 +108,7 @@ def merge(models: list[str], out: str | Path, options: MergeOptions, quiet: bool
     """Merge ``models`` into ``out`` (atomically), check every tensor, record the parents; return the manifest."""
     from dus_plugin.errors import OutputExistsError
     from dus_plugin.io import atomic_dir
+    from dus_plugin.stream import copy_tokenizer_files
 
     out = Path(out).absolute()
     check_parents(models)
@@ -118,7 +118,7 @@ def merge(models: list[str], out: str | Path, options: MergeOptions, quiet: bool
                                 "folder", setting="overwrite")
     with atomic_dir(out) as tmp:
         _run(doc, tmp, quiet)
-        _copy_tokenizer(Path(models[0]), tmp)
+        copy_tokenizer_files(Path(models[0]), tmp)
         checked = check_merge(tmp, doc, quiet)
         manifest = _manifest(models, doc, checked)
         manifest.write(tmp)
@@ -138,14 +138,6 @@ def _run(doc: dict[str, Any], tmp: Path, quiet: bool) -> None:
     except Exception as e:  # mergekit's own failure: one line, nothing left behind
         raise MergeError(f"mergekit failed: {first_line(e)}; nothing was written to the output") from None
     (tmp / "mergekit_config.yml").write_text(text, encoding="utf-8")
-
-
-def _copy_tokenizer(parent: Path, tmp: Path) -> None:
-    from dus_plugin.stream import TOKENIZER_COPY_FILES
-
-    for name in TOKENIZER_COPY_FILES:
-        if (parent / name).is_file() and not (tmp / name).exists():
-            shutil.copy(parent / name, tmp / name)
 
 
 def _manifest(models: list[str], doc: dict[str, Any], checked: int):

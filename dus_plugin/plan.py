@@ -248,7 +248,7 @@ def count_params(config: Mapping[str, Any]) -> ParamCount | None:
 
     Covers Llama, Mistral, Qwen2/3 (qkv bias, q/k norms), Gemma 2/3 (four norms per layer), Phi-3 (fused, same
     count): a first figure before transformers is asked. ``dus plan`` replaces it with the count of the model
-    built on the meta device (``architecture.param_count``), which holds for every family.
+    built on the meta device (``Architecture.param_count``), which holds for every family.
     """
     c = text_config(config)
     try:

@@ -36,6 +36,13 @@ TOKENIZER_COPY_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tok
                         "generation_config.json")
 
 
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """The tokenizer and generation files of ``src`` that ``dst`` does not have yet, as mergekit's copy does."""
+    for name in TOKENIZER_COPY_FILES:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copy(src / name, dst / name)
+
+
 @dataclass
 class OutTensor:
     name: str
@@ -257,9 +264,7 @@ def stream_merge(recipe: Recipe, recipe_text: str, base, base_dir: Path, tmp: Pa
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {t.name: n for n, g in zip(names, shards) for t in g}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for f in TOKENIZER_COPY_FILES:  # as mergekit's tokenizer copy does
-        if (base_dir / f).is_file():
-            shutil.copy(base_dir / f, tmp / f)
+    copy_tokenizer_files(base_dir, tmp)
     (tmp / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
     return hashes
 

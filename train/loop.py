@@ -72,7 +72,6 @@ def _load_model(cfg: TrainConfig, accelerator):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_model_folder(cfg.model)
     frozen_bf16 = memory.frozen_in_file_dtype(cfg)
     dtype = torch.bfloat16 if cfg.master_weights == "bf16" or frozen_bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
@@ -435,7 +434,8 @@ def validation_loss(cfg: TrainConfig, model, data: PackedData, accelerator) -> f
 
 
 def baseline_loss(cfg: TrainConfig, data: PackedData, accelerator) -> float | None:
-    """``validation_loss`` of ``cfg.baseline_model`` (loaded alone, then freed): the line growth must beat."""
+    """``validation_loss`` of ``cfg.baseline_model`` (loaded beside the prepared model before any optimizer state
+    exists, then freed): the line growth must beat."""
     import torch
     from transformers import AutoModelForCausalLM
 
