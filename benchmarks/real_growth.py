@@ -292,6 +292,7 @@ def tokens_to(curve: list[dict], domain: str, target: float) -> int | None:
 def summary_rows(report: dict) -> list[dict]:
     base = next(iter(_runs(report).get("a_base", {}).values()), None)
     base_start = base["start"]["loss"] if base else None
+    runs_a = _runs(report).get("a_base", {})
     rows = []
     for name, runs in _runs(report).items():
         for seed, run in sorted(runs.items()):
@@ -299,22 +300,42 @@ def summary_rows(report: dict) -> list[dict]:
                    "pflop": run["flops"] / 1e15, "start": run["start"]["loss"], "end": run["end"]["loss"]}
             if base_start:
                 row["to_base"] = tokens_to(run["curve"], "python", base_start["python"])
+            a_run = runs_a.get(seed)
+            if a_run and name != "a_base":
+                row["catches_a"] = catches_up(run["curve"], a_run["curve"], "python")
             rows.append(row)
     return rows
+
+
+def catches_up(curve: list[dict], reference: list[dict], domain: str) -> int | None:
+    """First tokens from which a run stays at or below the reference run at the same tokens."""
+    ref = {c["tokens"]: c["loss"][domain] for c in reference}
+    shared = [c for c in curve if c["tokens"] in ref]
+    for i, c in enumerate(shared):
+        if all(later["loss"][domain] <= ref[later["tokens"]] for later in shared[i:]):
+            return c["tokens"]
+    return None
+
+
+def _tokens_cell(tokens: int | None) -> str:
+    return "never" if tokens is None else f"{tokens / 1e6:.1f}M"
 
 
 def render(report: dict, png: Path) -> str:
     rows = summary_rows(report)
     a_end = {r["seed"]: r["end"] for r in rows if r["arm"] == "a_base"}
     head = ("| arm | seed | layers | tokens | PFLOP | " + " | ".join(f"{d} start" for d in DOMAINS) + " | "
-            + " | ".join(f"{d} end" for d in DOMAINS) + " | " + " | ".join(f"{d} minus (a)" for d in DOMAINS) + " |")
-    lines = [head, "|" + "---|" * (5 + 3 * len(DOMAINS))]
+            + " | ".join(f"{d} end" for d in DOMAINS) + " | " + " | ".join(f"{d} minus (a)" for d in DOMAINS)
+            + " | python back to the base's start | python at or below (a) from |")
+    lines = [head, "|" + "---|" * (7 + 3 * len(DOMAINS))]
     for r in rows:
         diff = [r["end"][d] - a_end[r["seed"]][d] if r["seed"] in a_end else float("nan") for d in DOMAINS]
         lines.append(f"| {r['arm']} | {r['seed']} | {r['layers']} | {r['tokens'] / 1e6:.1f}M | {r['pflop']:.1f} | "
                      + " | ".join(f"{r['start'][d]:.4f}" for d in DOMAINS) + " | "
                      + " | ".join(f"{r['end'][d]:.4f}" for d in DOMAINS) + " | "
-                     + " | ".join("—" if r["arm"] == "a_base" else f"{x:+.4f}" for x in diff) + " |")
+                     + " | ".join("—" if r["arm"] == "a_base" else f"{x:+.4f}" for x in diff) + " | "
+                     + ("≤" if r.get("to_base") else "") + f"{_tokens_cell(r.get('to_base'))} | "
+                     + ("—" if r["arm"] == "a_base" else _tokens_cell(r.get("catches_a"))) + " |")
     plot(report, png)
     return "\n".join(lines)
 

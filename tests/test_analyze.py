@@ -50,11 +50,11 @@ def test_dus_analyze_on_a_tiny_model(tiny_models, tmp_path):
     assert all(0 <= v <= 1 for row in data["distances"] for v in row if v is not None)
     assert 1 <= data["recommended_m"] < n / 2 and f"m = {data['recommended_m']}" in r.output
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert "note: the relative seam cost predicts the loss right after upscaling" in r.output
+    assert "note: the relative seam cost ranks the loss right after upscaling" in r.output
     # issue 16: the step-0 pick and the advice for the end result are two named, separate statements
     assert "lowest seam cost right after upscaling: m =" in r.output
-    assert "for the model after continued pretraining: choose m by the size you want" in r.output
+    assert "for the model after continued pretraining: with plain copies (--method solar) on a well-trained base, take this m" in r.output
     assert "recommended overlap" not in r.output
-    assert data["notes"] and "reproduction.md" in data["notes"][0]
+    assert data["notes"] and "real_growth.md" in data["notes"][0] and "reproduction.md" in data["notes"][0]
     m = data["recommended_m"]
     assert math.isclose(data["seam_cost"][str(m)], data["distances"][m][n - 2 * m - 1])
