@@ -219,13 +219,16 @@ def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, e
 
 
 def _estimate(cfg, processes: int, distributed_type: str | None) -> str:
-    from dus_plugin.train import memory
+    import torch
+
+    from dus_plugin.train import auto, memory
 
     kind = distributed_type or ("NO" if processes == 1 else "MULTI_GPU")
-    need = memory.estimate(cfg, memory.model_shape(cfg), processes, kind)
-    lines = [need.table()]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = auto.resolve(cfg, processes, kind, device, refuse=False)
+    lines = [plan.report()]
     if cfg.memory_limit_gb:
-        verdict = "fits" if need.total <= cfg.memory_limit_gb * memory.GB else "does not fit"
+        verdict = "fits" if plan.need.total <= cfg.memory_limit_gb * memory.GB else "does not fit"
         lines.append(f"{verdict} in memory_limit_gb {cfg.memory_limit_gb:g}")
     return "\n".join(lines)
 

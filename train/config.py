@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dus_plugin.errors import TrainConfigError
 from dus_plugin.eval.settings import HookSettings
@@ -136,16 +136,20 @@ class TrainConfig(Strict):
     memory_limit_gb: Optional[float] = Field(None, gt=0)
     """Refuse to start when the memory estimate per device exceeds this [default: the GPU's memory;
     on CPU, the machine's RAM shared by the processes]."""
-    activation_checkpointing: bool = False
-    compile: bool = False
-    """torch.compile the training forward and backward."""
+    activation_checkpointing: Union[Literal["auto", "none", "full"], int] = "auto"
+    """How much backward recomputes. auto: the least that fits the device's memory (or memory_limit_gb) with
+    the planner's headroom, chosen and printed before the model loads; none; full (every decoder layer; true is
+    the same); or a number K: only the first K decoder layers (false is none)."""
+    compile: Optional[bool] = None
+    """torch.compile the training forward and backward [default, auto: on a CUDA GPU, yes; on CPU, no]."""
     compile_scope: Literal["layers", "model"] = "layers"
     """With compile: each decoder layer on its own (masks stay eager, so unpadded attention runs SDPA's causal
     kernel; one compile serves the whole stack), or the whole model as one graph."""
     attention_backend: Literal["auto", "flash", "cudnn", "efficient"] = "auto"
     """Which of PyTorch's SDPA kernels attention uses on a GPU [auto: PyTorch's choice, cuDNN on H100]."""
-    fused_projections: bool = False
-    """Train with q|k|v and gate|up fused into single GEMMs (Llama, Mistral, Qwen2/3); export is unfused."""
+    fused_projections: Optional[bool] = None
+    """Train with q|k|v and gate|up fused into single GEMMs (Llama, Mistral, Qwen2/3); export is unfused
+    [default, auto: on a CUDA GPU for those families, yes; elsewhere, no]."""
     seed: int = 0
     log_every: int = Field(10, gt=0)
     save_every: int = Field(0, ge=0)
@@ -170,6 +174,20 @@ class TrainConfig(Strict):
     """Profile a few steps with torch.profiler: OUTPUT_DIR/profile.json says where the step's time goes."""
     export: bool = True
     """Write an HF folder (weights, tokenizer, manifest) to OUTPUT_DIR/final at the end."""
+
+    @field_validator("compile", "fused_projections", mode="before")
+    @classmethod
+    def _auto_is_unset(cls, value):
+        return None if value == "auto" else value
+
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _checkpointing_words(cls, value):
+        if isinstance(value, bool):  # the boolean form of earlier configs
+            return "full" if value else "none"
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"a number of checkpointed layers must be 0 or more, not {value}")
+        return value
 
     @property
     def bf16_compute(self) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dus_plugin.errors import DusError, Interrupted, TrainConfigError, TrainingDiverged
-from dus_plugin.train import checkpoint, memory
+from dus_plugin.train import auto, checkpoint, memory
 from dus_plugin.train.checkpoint import CheckpointManager
 from dus_plugin.train.compiled import compile_model
 from dus_plugin.train.config import TrainConfig, check_baseline_folder, check_model_folder
@@ -43,6 +43,9 @@ class TrainResult:
     """The memory planner's figure per device, before the run."""
     peak_gpu_gb: float | None = None
     """torch.cuda.max_memory_allocated on this process's GPU (None on CPU)."""
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    """What the auto settings became on this machine (activation_checkpointing, compile, fused_projections)."""
 
     already_finished: bool = False
     """``resume`` found the run finished; nothing was trained now."""
@@ -92,10 +95,37 @@ def _load_model(cfg: TrainConfig, accelerator):
         from dus_plugin.train.fp8 import to_float8
 
         to_float8(model, cfg.fp8_recipe)
-    if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _checkpoint_layers(cfg, model)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     return model, tokenizer
+
+
+def _checkpoint_layers(cfg: TrainConfig, model) -> None:
+    """Recompute the first K decoder layers in backward (all of them for full), as ``train.auto`` planned."""
+    from dus_plugin.architecture import find_stack
+
+    layers = model.get_submodule(find_stack(model, model.config.num_hidden_layers))
+    count = memory.checkpointed_count(cfg, len(layers))
+    if not count:
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23; the older name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for layer in list(layers)[count:]:
+        layer.gradient_checkpointing = False
+
+
+def _cap_gpu_memory(cfg: TrainConfig, accelerator) -> None:
+    """memory_limit_gb on a GPU is enforced, not only planned for, so a smaller card is emulated faithfully."""
+    if not cfg.memory_limit_gb or accelerator.device.type != "cuda":
+        return
+    import torch
+
+    device = torch.cuda.current_device()  # accelerator.device may carry no index, which this call needs
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_limit_gb * memory.GB / total), device)
 
 
 def _optimizer(cfg: TrainConfig, model, accelerator):
@@ -186,10 +216,11 @@ def setup(cfg: TrainConfig, accelerator, checkpoints: CheckpointManager, resume:
     check_model_folder(cfg.model)
     check_baseline_folder(cfg.baseline_model)
     set_seed(cfg.seed)
-    need = memory.check_fits(cfg, accelerator.num_processes, accelerator.distributed_type.value,
-                             accelerator.device.type)
+    plan = auto.resolve(cfg, accelerator.num_processes, accelerator.distributed_type.value, accelerator.device.type)
+    cfg, need = plan.cfg, plan.need
     if accelerator.is_main_process:
-        (echo or LOG.info)(need.table())
+        (echo or LOG.info)(plan.report())
+    _cap_gpu_memory(cfg, accelerator)
     model, tokenizer = _load_model(cfg, accelerator)
     data = _packed_data(cfg, tokenizer, accelerator, quiet)
     opt, sched = _optimizer(cfg, model, accelerator)
@@ -322,7 +353,8 @@ def finish(run: Run, end: int) -> TrainResult:
                          phases={k: sum(v) / len(v) for k, v in run.phase_losses.items()},
                          tokens_per_second=run.rate, processes=accelerator.num_processes,
                          distributed_type=str(accelerator.distributed_type.value), estimate_gb=run.estimate_gb,
-                         peak_gpu_gb=_peak_gpu_gb(accelerator))
+                         peak_gpu_gb=_peak_gpu_gb(accelerator),
+                         settings=run.cfg.model_dump(include={"activation_checkpointing", "compile", "fused_projections"}))
     if accelerator.is_main_process:
         plot_loss(run.metrics.rows(), out / "loss_curve.png")
     if run.cfg.export and end == run.cfg.total_steps():

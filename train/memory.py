@@ -169,34 +169,57 @@ def estimate(cfg: TrainConfig, shape: ModelShape, processes: int = 1, distribute
 
 def _per_token_layer(cfg: TrainConfig, shape: ModelShape) -> float:
     """Bytes one token leaves for backward in one decoder layer (pre-norm attention + gated MLP, bf16 autocast):
-    norms keep their float32 input and output; every projection keeps its bf16 input; attention keeps q, k, v,
-    the rotated q and k and its output; the gated MLP keeps gate, up, their activation and product."""
+    norms keep their float32 input and output, whatever the residual's dtype (RMSNorm upcasts inside; counting
+    bf16 for bf16 weights underestimated the 10.7B runs by 0.5-2.2%, benchmarks/results/solar_throughput.json);
+    every projection keeps its bf16 input; attention keeps q, k, v, the rotated q and k and its output; the
+    gated MLP keeps gate, up, their activation and product."""
     act = 2 if cfg.bf16_compute else 4
-    residual = 4 if cfg.master_weights == "fp32" or cfg.precision == "fp32" else 2
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
-    norms = 2 * 2 * residual * h
+    norms = 2 * 2 * 4 * h
     projections = (3 + 1 + 2) * act * h  # q, k, v see the normed input; o sees attention out; gate, up the normed
     attention = act * (2 * h + 3 * kv + h)
     mlp = 4 * act * i
     return norms + projections + attention + mlp
 
 
+def checkpointed_count(cfg: TrainConfig, layers: int) -> int:
+    """How many decoder layers recompute in backward (the first ones of the stack); "auto" counts as none here,
+    the most it could need (``train.auto.resolve`` picks the real value before a run)."""
+    from dus_plugin.errors import TrainConfigError
+
+    value = cfg.activation_checkpointing
+    if value in ("none", "auto"):
+        return 0
+    if value == "full":
+        return layers
+    if value > layers:
+        raise TrainConfigError(f"activation_checkpointing {value} is more layers than the model has ({layers}); "
+                               f"give at most {layers}, or full", setting="activation_checkpointing")
+    return value
+
+
 def _activations(cfg: TrainConfig, shape: ModelShape) -> float:
     tokens = cfg.micro_batch_size * cfg.data.seq_len
     residual = 4 if cfg.master_weights == "fp32" or cfg.precision == "fp32" else 2
     per_layer = tokens * _per_token_layer(cfg, shape)
-    if cfg.activation_checkpointing:
-        kept = shape.layers * tokens * shape.hidden * residual + per_layer
-    else:
-        compiled = FLOAT8_ACTIVATIONS if cfg.precision == "fp8" else COMPILED_ACTIVATIONS
-        kept = shape.layers * per_layer * (compiled if cfg.compile else 1.0)
+    recomputed = checkpointed_count(cfg, shape.layers)
+    compiled = FLOAT8_ACTIVATIONS if cfg.precision == "fp8" else COMPILED_ACTIVATIONS
+    whole = (shape.layers - recomputed) * per_layer * (compiled if cfg.compile else 1.0)
+    inputs = recomputed * tokens * shape.hidden * residual
+    kept = whole + inputs
+    if recomputed:  # the first layers recompute: backward reaches them once every kept activation is freed
+        kept = max(kept, inputs + per_layer)
     logits = tokens * shape.vocab * LOGIT_BYTES
     autocast_copies = 0.0
     if cfg.master_weights == "fp32" and cfg.bf16_compute:
         cast = shape.trainable if shape.frozen_bytes == 2 else shape.params  # bf16 weights need no copy
         if cfg.precision == "fp8":  # float8 layers cast their weights to float8 inside the matmul, keeping no copy
             cast = max(cast - shape.layers * shape.layer_params, 0)
-        autocast_copies = 2 * min(cast, shape.layer_params if cfg.activation_checkpointing else cast)
+        if recomputed == shape.layers:
+            cast = min(cast, shape.layer_params)
+        elif recomputed:  # a recomputing layer drops its copies until backward casts them again
+            cast = max(cast - (recomputed - 1) * shape.layer_params, shape.layer_params)
+        autocast_copies = 2 * cast
     return kept + logits + autocast_copies
 
 
@@ -214,7 +237,7 @@ def device_capacity(device_type: str, processes: int) -> float | None:
 
 # What a user can change, in the order that costs the least model quality or speed.
 REMEDIES: list[tuple[str, dict[str, Any]]] = [
-    ("activation_checkpointing: true", {"activation_checkpointing": True}),
+    ("activation_checkpointing: full", {"activation_checkpointing": "full"}),
     ("micro_batch_size: 1", {"micro_batch_size": 1}),
     ("optimizer.name: adamw8bit and master_weights: bf16", {"optimizer": {"name": "adamw8bit"},
                                                             "master_weights": "bf16", "precision": "bf16"}),
@@ -242,17 +265,23 @@ def what_fits(cfg: TrainConfig, processes: int, distributed_type: str, capacity:
     return None
 
 
-def check_fits(cfg: TrainConfig, processes: int, distributed_type: str, device_type: str) -> MemoryEstimate:
+def capacity(cfg: TrainConfig, device_type: str, processes: int) -> float | None:
+    """Bytes a process may plan for: memory_limit_gb when set, else what the device has."""
+    return cfg.memory_limit_gb * GB if cfg.memory_limit_gb else device_capacity(device_type, processes)
+
+
+def check_fits(cfg: TrainConfig, processes: int, distributed_type: str, device_type: str,
+               shape: ModelShape | None = None) -> MemoryEstimate:
     """The estimate for this run; TrainConfigError naming what would fit when it exceeds the device."""
     from dus_plugin.errors import TrainConfigError
 
-    need = estimate(cfg, model_shape(cfg), processes, distributed_type)
-    capacity = cfg.memory_limit_gb * GB if cfg.memory_limit_gb else device_capacity(device_type, processes)
-    if capacity is None or need.total <= capacity:
+    need = estimate(cfg, shape or model_shape(cfg), processes, distributed_type)
+    room = capacity(cfg, device_type, processes)
+    if room is None or need.total <= room:
         return need
-    fix = what_fits(cfg, processes, distributed_type, capacity)
+    fix = what_fits(cfg, processes, distributed_type, room)
     where = "the memory_limit_gb set" if cfg.memory_limit_gb else f"the {device_type.upper()} memory"
     advice = (f"it would fit with {fix}" if fix else
               "no single-device setting makes it fit; shard it over more GPUs with FSDP (train/fsdp.yaml)")
     raise TrainConfigError(f"training needs about {size(need.total)} per device ({need.parts()}), more than "
-                           f"{where} ({size(capacity)}); {advice}", setting="memory_limit_gb")
+                           f"{where} ({size(room)}); {advice}", setting="memory_limit_gb")
