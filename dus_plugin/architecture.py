@@ -82,9 +82,16 @@ class Architecture:
         return num_layers(self.config)
 
     @cached_property
+    def multimodal(self) -> bool:
+        """An image-text-to-text model (a vision tower beside a language tower): only the language tower grows."""
+        return is_multimodal(self.config)
+
+    @cached_property
     def refusal(self) -> str | None:
         """Why the family is out of scope for DUS, or None."""
         arch = (self.config.get("architectures") or [""])[0]
+        if self.multimodal:
+            return _tower_refusal(self.config)
         if arch and not arch.endswith(("ForCausalLM", "LMHeadModel")):
             return MULTIMODAL if "ConditionalGeneration" in arch else "not a decoder LM (*ForCausalLM)"
         why = OUT_OF_SCOPE.get(self.config.get("model_type", ""))
@@ -105,16 +112,28 @@ class Architecture:
 
     @cached_property
     def stack_path(self) -> str:
-        """The dotted module path of the decoder-layer list (``model.layers``)."""
+        """The dotted module path of the decoder-layer list (``model.layers``; ``model.language_model.layers`` in a
+        multimodal model, where a vision tower may hold a list of the same length)."""
         self.check_scope()
-        return find_stack(self.meta, self.n)
+        return find_stack(self.meta, self.n, self.multimodal)
 
     @cached_property
+    def tower(self) -> str:
+        """The language tower's module path in a multimodal model (``model.language_model``), else ''."""
+        return language_tower(self.meta) if self.multimodal else ""
+
+    @property
     def stack(self) -> LayerStack:
-        return LayerStack(self.stack_path + ".", self.count_key)
+        """The stack as the checkpoint's tensors name it (once ``check_tensor_names`` has read them; a multimodal
+        checkpoint may keep an older layout, ``language_model.model.layers.N``, that transformers renames at load)."""
+        return LayerStack(self._file_prefix or self.stack_path + ".", self.count_key)
+
+    _file_prefix: str | None = None
 
     def check_tensor_names(self, names: Iterable[str]) -> None:
         """BaseModelError unless the checkpoint's tensors cover exactly the layers the config states."""
+        names = list(names)
+        self._file_prefix = self._checkpoint_prefix(names)
         found = {self.stack.index(t) for t in names} - {None}
         if found != set(range(self.n)):
             layers = sorted(found)
@@ -122,12 +141,31 @@ class Architecture:
             raise BaseModelError(f"the checkpoint's tensors under {self.stack.prefix}N cover {covered}, not the "
                                  f"{self.n} layers the config states; re-save the model with transformers")
 
-    @cached_property
+    def _checkpoint_prefix(self, names: list[str]) -> str:
+        """The prefix under which the files hold layer N: the module path, or else the prefix whose layers are
+        numbered 0..n-1 and share the most tensor names with the model's text layers (a vision stack of the
+        same depth shares none; transformers may still rename a few inside a layer at load)."""
+        module = self.stack_path + "."
+        if any(name.startswith(module) for name in names):
+            return module
+        inner = {k for layer in self.meta.get_submodule(self.stack_path) for k, _ in layer.named_parameters()}
+        found: dict[str, tuple[set[int], set[str]]] = {}
+        for name in names:
+            m = re.match(r"^(.*\.)(\d+)\.(.+)$", name)
+            if m:
+                entry = found.setdefault(m.group(1), (set(), set()))
+                entry[0].add(int(m.group(2)))
+                entry[1].add(m.group(3))
+        scored = [(len(rel & inner), prefix) for prefix, (idx, rel) in found.items() if idx == set(range(self.n))]
+        best = max(scored, default=(0, module))
+        return best[1] if best[0] else module
+
+    @property
     def shared_in_stack(self) -> frozenset[str]:
         """Names of the stack's tensors that the model ties to another name (one module used by several layers)."""
-        prefix = self.stack.prefix
-        return frozenset(n for _, names in _names_by_tensor(self.meta) if len(names) > 1
-                         for n in names if n.startswith(prefix))
+        module, prefix = self.stack_path + ".", self.stack.prefix
+        return frozenset(prefix + n[len(module):] for _, names in _names_by_tensor(self.meta) if len(names) > 1
+                         for n in names if n.startswith(module))
 
     def grown(self, layer_map: Sequence[int]):
         """The output of ``layer_map`` built on the meta device (once per layer map)."""
@@ -140,7 +178,7 @@ class Architecture:
         """PlanError unless every output layer is built exactly as its source layer (on the meta device)."""
         out = self.grown(layer_map)
         src_layers = self.meta.get_submodule(self.stack_path)
-        out_layers = out.get_submodule(find_stack(out, len(layer_map)))
+        out_layers = out.get_submodule(self.stack_path)
         cache: dict[int, list[tuple]] = {}
         for i, s in enumerate(layer_map):
             want = cache.setdefault(s, layer_signature(src_layers[s], self.n))
@@ -168,8 +206,9 @@ class Architecture:
         block in each layer."""
         n, packed = self.n, self._packed(layer_map)
         layers, outside = [0] * n, 0
+        module = LayerStack(self.stack_path + ".", self.count_key)  # the meta model's own names
         for p, names in _names_by_tensor(self.meta):
-            homes = {self.stack.index(name) for name in names}
+            homes = {module.index(name) for name in names}
             if len(homes) == 1 and None not in homes:
                 layers[homes.pop()] += p.numel()
             elif names[0] in packed:
@@ -225,16 +264,51 @@ def config_object(config: Mapping[str, Any]):
         raise BaseModelError(f"transformers refuses the base's config.json: {first_line(e)}") from None
 
 
+def is_multimodal(config: Mapping[str, Any]) -> bool:
+    """transformers maps the model type to image-text-to-text and the class is not a plain causal LM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    arch = (config.get("architectures") or [MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(
+        config.get("model_type", ""), "")])[0]
+    return (config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+            and not arch.endswith(("ForCausalLM", "LMHeadModel")))
+
+
+def _tower_refusal(config: Mapping[str, Any]) -> str | None:
+    """Why a multimodal family's language tower cannot grow, or None: it must be a decoder-only stack that the
+    text config counts."""
+    outer = config_object(config)
+    text = outer.get_text_config()
+    if getattr(outer, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
+        return "an encoder-decoder multimodal model; DUS grows decoder-only language towers"
+    if text is outer or "." not in count_key(config):
+        return "a multimodal model whose config has no separate text config stating the language tower's layers"
+    return OUT_OF_SCOPE.get(getattr(text, "model_type", ""))
+
+
+def language_tower(model: Any) -> str:
+    """The module path of a multimodal model's language tower: what ``get_decoder()`` returns."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    path = next((name for name, mod in model.named_modules() if mod is decoder), None) if decoder is not None else None
+    if not path:
+        raise BaseModelError(f"{type(model).__name__} names no language tower (get_decoder); DUS cannot tell "
+                             "which layers are the text stack")
+    return path
+
+
 def model_class(config: Mapping[str, Any]):
-    """The causal-LM class transformers builds for this config (its ``architectures`` entry when known)."""
+    """The class transformers builds for this config (its ``architectures`` entry when known): a causal LM, or
+    the image-text-to-text model of a multimodal family."""
     import transformers
 
     arch = (config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
-        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+        mapping = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if is_multimodal(config) else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        name = mapping.get(config.get("model_type", ""))
         cls = getattr(transformers, name, None) if name else None
     if cls is None:
         raise BaseModelError(f"transformers has no causal-LM class for architecture {arch!r}; DUS needs a "
@@ -271,10 +345,14 @@ def num_layers(config: Mapping[str, Any]) -> int:
     return n
 
 
-def find_stack(model: Any, n: int) -> str:
-    """The dotted module path of the decoder-layer ModuleList of length n."""
+def find_stack(model: Any, n: int, multimodal: bool = False) -> str:
+    """The dotted module path of the decoder-layer ModuleList of length n (in a multimodal model, the one inside
+    its language tower)."""
     import torch
 
+    if multimodal:
+        tower = language_tower(model)
+        return f"{tower}.{find_stack(model.get_submodule(tower), n)}"
     found = [name for name, mod in model.named_modules()
              if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and name]
     if not found:

@@ -144,7 +144,8 @@ def build_card(folder: str | Path, base_model: str | None = None, license: str |
         datasets = [s["path"][3:] for s in train.config["data"]["sources"] if s["path"].startswith("hf:")] or None
     data = ModelCardData(
         base_model=base_id, license=license or _base_license(manifest), datasets=datasets,
-        library_name="transformers", pipeline_tag="text-generation", model_name=title,
+        library_name="transformers", pipeline_tag="image-text-to-text" if _multimodal(manifest) else "text-generation",
+        model_name=title,
         tags=(["mergekit", "merge", "depth-up-scaling"] if manifest.plan else []) +
              (["continued-pretraining"] if train else []),
         eval_results=eval_results(_own_result(all_results, folder, "trained" if train else "upscaled"), title),
@@ -301,6 +302,12 @@ def _summary(manifest: Manifest, base_id: str | None) -> list[str]:
                "quality until continued pretraining heals it.")]
 
 
+def _multimodal(manifest: Manifest) -> bool:
+    from dus_plugin.architecture import is_multimodal
+
+    return bool(manifest.base and manifest.base.config and is_multimodal(manifest.base.config))
+
+
 def _dus_section(manifest: Manifest) -> list[str]:
     from dus_plugin.plan import human_count
 
@@ -315,6 +322,9 @@ def _dus_section(manifest: Manifest) -> list[str]:
         lines.append(f"- seam after output layer {plan.seam[0] - 1}" if plan.seam else "- no seam")
     if plan.params_before is not None and plan.params_after is not None:
         lines.append(f"- parameters: {human_count(plan.params_before)} → {human_count(plan.params_after)}")
+    if _multimodal(manifest):
+        lines.append("- only the language tower grew (the layers its text config counts); the vision tower, the "
+                     "projector, the embeddings and the head are the base's, bit for bit")
     lines += ["", "| output layers | copied from base layers |", "|---|---|"]
     out = 0
     for a, b in plan.slices:

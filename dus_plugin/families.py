@@ -58,4 +58,5 @@ PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sli
                   "intermediate_size", "activation_sparsity_pattern")  # the last two: Gemma 3n
 # Lists of layer *indices* (not per-layer values): remapped to the output indices they cover.
 LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "hybrid_layer_ids", "full_attn_layers", "linear_attn_layers",
-                    "swa_layers", "global_attn_layers", "sliding_window_layers_idx")
+                    "swa_layers", "global_attn_layers", "sliding_window_layers_idx",
+                    "cross_attention_layers")  # Llama 3.2 Vision (mllama): the text layers that attend to the image

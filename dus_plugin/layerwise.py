@@ -76,6 +76,8 @@ def _meta_model(folder: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
+    if config.get_text_config() is not config:  # a multimodal model: its towers are not one layer stack
+        raise StreamUnsupported("a multimodal model is held whole")
     # buffers stay real: rotary tables and the like are computed at init and are not in the files
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

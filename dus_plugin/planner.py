@@ -93,6 +93,10 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     if options.method == "average":
         notes.append("method average: mergekit has no per-layer mean, so this recipe runs only with `dus upscale` "
                      "(its streaming engine)")
+    elif arch.multimodal:
+        notes.append(f"{base.architecture} is multimodal: only its language tower ({arch.stack.prefix}N) grows, and "
+                     "only `dus upscale` runs this recipe (stock mergekit's slices address one layer stack, which "
+                     "a multimodal checkpoint does not have)")
     elif base.architecture not in mergekit_architectures():
         notes.append(f"stock mergekit has no definition of {base.architecture}: run this recipe with "
                      "`dus upscale` (its streaming engine reads the layer stack from transformers)")

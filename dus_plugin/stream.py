@@ -33,7 +33,9 @@ CHUNK = 64 << 20
 # What the output takes from the base beside the weights, as mergekit's tokenizer copy does.
 TOKENIZER_COPY_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
                         "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-                        "generation_config.json")
+                        "generation_config.json",
+                        # what a multimodal model's processor reads: AutoProcessor loads the output like the base
+                        "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

@@ -82,6 +82,10 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     base = resolve_base(recipe.model)
+    if base.local_path is not None:  # the stack as the files name it
+        from dus_plugin.tensors import weight_map
+
+        base.arch.check_tensor_names(weight_map(base.local_path))
     stack = base.arch.stack
     check_against_base(recipe, base.arch.n, where=str(recipe_path))
     base.arch.check_layers(recipe.layer_map)  # refuses a layer map the family's config cannot express

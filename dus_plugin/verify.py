@@ -287,10 +287,9 @@ def _load(folder: Path):
     """The model in float32, refusing any missing, unexpected or mismatched key (transformers would
     fill a missing one with random weights and say nothing)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+        model, info = _model_class(folder).from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     except Exception as e:
         raise VerifyError(f"transformers cannot load {folder}: {first_line(e)}") from None
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
@@ -301,6 +300,13 @@ def _load(folder: Path):
     return model.eval()
 
 
+def _model_class(folder: Path):
+    """The class the folder's config names: a causal LM, or a multimodal family's image-text-to-text model."""
+    from dus_plugin.architecture import model_class
+
+    return model_class(json.loads((folder / "config.json").read_text()))
+
+
 def _forward(folder: Path, identity_base: Path | None) -> str:
     """Run a forward pass (one module in memory at a time where the family allows it); an identity upscale
     must give exactly the base's logits. Returns how the model was held: "streamed" or "whole"."""
@@ -309,7 +315,7 @@ def _forward(folder: Path, identity_base: Path | None) -> str:
 
     from dus_plugin.errors import StreamUnsupported
 
-    ids = (torch.arange(1, 17).unsqueeze(0) * 7) % AutoConfig.from_pretrained(folder).vocab_size
+    ids = (torch.arange(1, 17).unsqueeze(0) * 7) % AutoConfig.from_pretrained(folder).get_text_config().vocab_size
     try:
         logits, ref = _logits_streamed(folder, identity_base, ids)
         how = "streamed"
@@ -352,7 +358,6 @@ def _forward_failed(folder: Path, e: Exception) -> VerifyError:
 def _logits_whole(folder: Path, identity_base: Path | None, ids):
     """The fallback: the whole model in float32 (and then the base, for an identity upscale)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     model = _load(folder)
     try:
@@ -363,7 +368,7 @@ def _logits_whole(folder: Path, identity_base: Path | None, ids):
     del model
     if identity_base is None:
         return logits, None
-    base = AutoModelForCausalLM.from_pretrained(identity_base, dtype=torch.float32).eval()
+    base = _model_class(identity_base).from_pretrained(identity_base, dtype=torch.float32).eval()
     out_dtype = _file_dtype(folder)
     with torch.no_grad():
         for p in base.parameters():  # a cast upscale equals the base rounded to its dtype, not the base itself

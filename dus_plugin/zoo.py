@@ -56,6 +56,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                            linear_num_value_heads=4, hc_lowrank=8, ple_embed_dim=64, ngram_vocab_size_base=1024,
                            split_ngram_parts=4, heads_per_ngram=2, indexer_n_heads=2, indexer_kv_heads=1,
                            indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4),
+    # multimodal text towers: rotary sections sized for the real head (their default, [16, 24, 24], fills 128)
+    "qwen2_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+    "qwen2_5_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
 }
 for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
            "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid"):
@@ -85,7 +88,8 @@ def tiny_config(model_type: str, vocab: int, layers: int = LAYERS):
         if isinstance(defaults.get(key), list) and key not in kw and len(defaults[key]) != layers:
             kw[key] = [defaults[key][i % len(defaults[key])] for i in range(layers)]
     cfg = cls(**kw)
-    cfg.architectures = [causal_lm_types()[model_type]]
+    if model_type in causal_lm_types():  # a multimodal model's text config may have no causal-LM class of its own
+        cfg.architectures = [causal_lm_types()[model_type]]
     return cfg
 
 
@@ -104,6 +108,72 @@ def make_zoo_model(model_type: str, path: str | Path, tokenizer, seed: int = 0) 
                 p.normal_(1.0 if "norm" in name and not name.endswith("bias") else 0.0, 0.1)
     with torch.no_grad():  # a fixture that cannot run its own forward pass would test nothing
         model(input_ids=torch.arange(3, 27).unsqueeze(0) % cfg.vocab_size, use_cache=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# --- multimodal (image-text-to-text) families -------------------------------------------------------------
+
+VISION_SIZES: dict[str, Any] = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
+    head_dim=16, image_size=28, patch_size=14, depth=2, embed_dim=32, num_heads=2, out_hidden_size=64,
+    projection_dim=64,
+)
+TEXT_KEYS = ("text_config", "language_config", "llm_config")
+IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index", "boi_token_index", "eoi_token_index", "boi_token_id",
+                    "eoi_token_id", "video_token_id", "video_token_index", "vision_start_token_id",
+                    "vision_end_token_id", "image_seq_length")
+
+
+def image_text_types() -> dict[str, str]:
+    """model_type -> image-text-to-text class name, as the installed transformers maps them."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
+    """The family's own config at test size: its text config as ``tiny_config`` makes it, its vision config
+    shrunk, and every special image token inside the small vocabulary."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    defaults = cls().to_dict()
+    text_key = next(k for k in TEXT_KEYS if isinstance(defaults.get(k), dict))
+    text = tiny_config(defaults[text_key]["model_type"], vocab, layers).to_dict()
+    for key in ("rope_parameters", "rope_scaling"):  # multimodal rotary sections must fill the small head
+        rope = text.get(key)
+        if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list):
+            half = (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) // 2
+            rope["mrope_section"] = [half - 2 * (half // 3)] + [half // 3] * 2
+    kw: dict[str, Any] = {text_key: text}
+    if isinstance(defaults.get("vision_config"), dict):
+        vision = defaults["vision_config"]
+        kw["vision_config"] = {**vision, **{k: v for k, v in VISION_SIZES.items() if k in vision}}
+    special = [k for k in IMAGE_TOKEN_KEYS if isinstance(defaults.get(k), int) and k != "image_seq_length"]
+    kw.update({k: vocab - 1 - i for i, k in enumerate(special)})
+    if "image_seq_length" in defaults:
+        kw["image_seq_length"] = (VISION_SIZES["image_size"] // VISION_SIZES["patch_size"]) ** 2
+    cfg = cls(**kw)
+    cfg.architectures = [image_text_types()[model_type]]
+    return cfg
+
+
+def make_multimodal_model(model_type: str, path: str | Path, tokenizer, seed: int = 0) -> Path:
+    """Write a random-init tiny image-text-to-text model of ``model_type`` with ``tokenizer`` to ``path``."""
+    import torch
+    import transformers
+
+    path = Path(path)
+    cfg = tiny_multimodal_config(model_type, vocab=len(tokenizer))
+    torch.manual_seed(seed)
+    model = getattr(transformers, image_text_types()[model_type])(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name and not name.endswith("bias") else 0.0, 0.1)
+        model(input_ids=torch.arange(3, 27).unsqueeze(0) % len(tokenizer), use_cache=False)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

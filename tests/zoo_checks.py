@@ -11,11 +11,12 @@ import torch
 IDS = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-def load_clean(folder: Path):
+def load_clean(folder: Path, auto_class=None):
     """The model, refusing any missing, unexpected or mismatched key."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    model, info = (auto_class or AutoModelForCausalLM).from_pretrained(folder, dtype=torch.float32,
+                                                                       output_loading_info=True)
     bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
     assert not bad, bad
     return model.eval()
@@ -54,9 +55,13 @@ def stacked_reference(base, out_config, prefix: str, layer_map: list[int], out=N
                     setattr(mod, attr, i)
     parent_path, _, leaf = path.rpartition(".")
     setattr(ref.get_submodule(parent_path) if parent_path else ref, leaf, new)
+    text = out_config.get_text_config() if hasattr(out_config, "get_text_config") else out_config
+    swaps = {type(out_config): out_config, type(text): text}  # a multimodal tower holds its own text config
     for mod in ref.modules():
-        if getattr(mod, "config", None) is not None and type(mod.config) is type(out_config):
-            mod.config = out_config
+        if getattr(mod, "config", None) is not None and type(mod.config) in swaps:
+            mod.config = swaps[type(mod.config)]
+        if isinstance(getattr(mod, "cross_attention_layers", None), list):  # mllama keeps its own copy of the list
+            mod.cross_attention_layers = text.cross_attention_layers
     return ref.eval()
 
 
@@ -93,8 +98,11 @@ def tensors_follow_map(out: Path, base: Path, prefix: str, layer_map: list[int],
             assert torch.equal(t, want), name
 
 
-def per_layer_lists_follow_map(out: Path, base: Path, layer_map: list[int]) -> None:
+def per_layer_lists_follow_map(out: Path, base: Path, layer_map: list[int], sub: str | None = None) -> None:
+    """Every per-layer list of the config (of its ``sub`` config, e.g. a multimodal model's text_config)."""
     cfg, base_cfg = (json.loads((f / "config.json").read_text()) for f in (out, base))
+    if sub:
+        cfg, base_cfg = cfg[sub], base_cfg[sub]
     n = len(set(layer_map)) if max(layer_map) + 1 == len(set(layer_map)) else max(layer_map) + 1
     from dus_plugin.families import LAYER_INDEX_KEYS
 
