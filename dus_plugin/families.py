@@ -50,7 +50,7 @@ PASS_THROUGH_SETTINGS = {"zero_expert_num": "its MoE routes tokens to zero-compu
 # Families whose layers normalise the residual stream after adding to it (post-LayerNorm).
 POST_NORM = {"openai-gpt": "each layer applies LayerNorm to the residual stream after adding to it (post-LN)"}
 # Leaf names that are residual writers only inside an attention or recurrent-mixing block.
-ATTENTION_WRITER_LEAVES = frozenset({"dense", "output"})
+ATTENTION_WRITER_LEAVES = frozenset({"dense", "output", "to_out"})  # to_out: Cosmos 3 Omni's attention
 
 # Per-layer lists known in transformers configs; any other list of length n whose name
 # mentions "layer" is remapped too (and logged), since it can only be indexed by layer.

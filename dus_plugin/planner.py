@@ -64,7 +64,7 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
             raise PlanError(f"`{name}` must be at least 1 (got {value}); leave it out for the default", setting=name)
     from dus_plugin.llamacpp import notes_for as llama_cpp_notes
     from dus_plugin.recipe import build_recipe
-    from dus_plugin.source import mergekit_architectures, padded_vocab, resolve_base
+    from dus_plugin.source import base_tensor_names, mergekit_architectures, padded_vocab, resolve_base
 
     if options.layers is not None and (options.drop is not None or options.repeat is not None
                                        or options.layout != "solar"):
@@ -119,24 +119,6 @@ def _explicit_plan(n: int, options: PlanOptions) -> DusPlan:
                         f"{'...' if len(missing) > 8 else ''}, so the grown model would lose them; cover every base "
                         "layer, or set `allow_gaps` to prune on purpose", setting="layers")
     return plan
-
-
-def base_tensor_names(base: ResolvedBase) -> list[str] | None:
-    """The base's checkpoint tensor names: from its files, or its Hub index; None when neither is at hand."""
-    from dus_plugin.tensors import weight_map
-
-    if base.local_path is not None and any(base.local_path.glob("*.safetensors")):
-        return list(weight_map(base.local_path))
-    if base.hub_id is None:
-        return None
-    try:
-        from huggingface_hub import get_safetensors_metadata
-
-        meta = get_safetensors_metadata(base.hub_id, revision=base.revision)
-        return list(meta.weight_map)
-    except Exception as e:  # no network or no safetensors: the plan still works without identity filters
-        LOG.info("could not read the tensor names of %s from the Hub: %s", base.hub_id, e)
-        return None
 
 
 def identity_filters(base: ResolvedBase, names: list[str] | None, method: str = "identity") -> tuple[str, ...]:

@@ -148,3 +148,21 @@ def padded_vocab(base: ResolvedBase) -> tuple[int, int] | None:
     if isinstance(rows, int) and size is not None and size != rows:
         return rows, size
     return None
+
+
+def base_tensor_names(base: ResolvedBase) -> list[str] | None:
+    """The base's checkpoint tensor names: from its files, or its Hub index; None when neither is at hand."""
+    from dus_plugin.tensors import weight_map
+
+    if base.local_path is not None and any(base.local_path.glob("*.safetensors")):
+        return list(weight_map(base.local_path))
+    if base.hub_id is None:
+        return None
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        meta = get_safetensors_metadata(base.hub_id, revision=base.revision)
+        return list(meta.weight_map)
+    except Exception as e:  # no network or no safetensors: the plan still works without identity filters
+        LOG.info("could not read the tensor names of %s from the Hub: %s", base.hub_id, e)
+        return None

@@ -27,7 +27,7 @@ from dus_plugin.plan import recognise
 from dus_plugin.recipe import AVERAGE_METHOD, Recipe, check_against_base, load_recipe
 from dus_plugin.architecture import LayerStack
 from dus_plugin.llamacpp import notes_for as llama_cpp_notes
-from dus_plugin.source import ResolvedBase, local_snapshot, resolve_base
+from dus_plugin.source import ResolvedBase, base_tensor_names, local_snapshot, resolve_base
 from dus_plugin.tensors import SAFETENSORS_DTYPES, check_readable, header_sha256, read_header, weight_map
 
 LOG = logging.getLogger(__name__)
@@ -82,10 +82,9 @@ def upscale(recipe_path: str | Path, out: str | Path, options: UpscaleOptions | 
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     base = resolve_base(recipe.model)
-    if base.local_path is not None:  # the stack as the files name it
-        from dus_plugin.tensors import weight_map
-
-        base.arch.check_tensor_names(weight_map(base.local_path))
+    names = base_tensor_names(base)
+    if names is not None:  # the stack as the files name it
+        base.arch.check_tensor_names(names)
     stack = base.arch.stack
     check_against_base(recipe, base.arch.n, where=str(recipe_path))
     base.arch.check_layers(recipe.layer_map)  # refuses a layer map the family's config cannot express

@@ -59,6 +59,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # multimodal text towers: rotary sections sized for the real head (their default, [16, 24, 24], fills 128)
     "qwen2_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
     "qwen2_5_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+    "paddleocr_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 3]}),
+    "glm4v_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+    "glm_ocr_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
 }
 for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
            "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid"):

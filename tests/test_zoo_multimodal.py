@@ -20,10 +20,11 @@ from dus_plugin.upscale import UpscaleOptions, upscale
 
 from helpers import assert_one_line_error, dus, dus_ok
 
-# Families whose tiny fixture the zoo can build; the rest of transformers' image-text-to-text types are listed,
-# with why, in MISSING_FIXTURES (still to be covered) or REFUSED (out of scope, one line from `dus plan`).
+# Families whose tiny fixture the zoo can build and that pass; README's multimodal table lists the rest of
+# transformers' image-text-to-text types, with why they are not covered yet.
 FAMILIES = (
-    "aria", "aya_vision", "cohere2_vision", "cohere_compass", "deepseek_vl", "exaone4_5", "gemma3", "gemma4",
+    "aria", "aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_omni", "deepseek_vl", "exaone4_5", "gemma3",
+    "gemma4", "glm46v", "glm4v", "glm_ocr", "glmga", "paddleocr_vl",
     "gemma4_unified", "got_ocr2", "granite_docling", "hyperclovax_vision_v2", "idefics2", "idefics3", "internvl",
     "kimi_k25", "lfm2_vl", "lighton_ocr", "llama4", "llava", "llava_next", "llava_next_video", "llava_onevision",
     "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "minimax_m3_vl", "mistral3", "mllama", "ovis2", "paligemma",
