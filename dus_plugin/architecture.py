@@ -190,6 +190,7 @@ class Architecture:
                     "map: choose another drop or layer list")
         self._packed(layer_map)  # refuses a shape change outside the stack it cannot regroup
         _check_index_settings(self.config)
+        _check_vision_reads(self.config, layer_map)
 
     def _packed(self, layer_map: Sequence[int]) -> dict[str, tuple[int, int]]:
         return packed_blocks(self.meta, self.grown(layer_map), self.stack_path)
@@ -576,3 +577,14 @@ def _check_index_settings(base_config: Mapping[str, Any]) -> None:
     if get_path(base_config, "scale_attn_by_inverse_layer_idx"):
         raise PlanError("scale_attn_by_inverse_layer_idx is set: attention is scaled by 1/(layer index + 1) at run "
                         "time, so a copied layer would compute differently at its new depth; DUS cannot preserve it")
+
+
+def _check_vision_reads(config: Mapping[str, Any], layer_map: Sequence[int]) -> None:
+    """Vision settings that name text layers by index. Qwen3-VL adds its deepstack features (one per entry of
+    ``deepstack_visual_indexes``) after text layers 0..k-1, so those must stay base layers 0..k-1."""
+    vision = config.get("vision_config") if isinstance(config.get("vision_config"), Mapping) else {}
+    k = len(vision.get("deepstack_visual_indexes") or ())
+    if k and list(layer_map[:k]) != list(range(k)):
+        raise PlanError(f"vision_config.deepstack_visual_indexes feeds image features into text layers 0..{k - 1} "
+                        f"by index, and this layer map puts base layers {list(layer_map[:k])} there; keep base "
+                        f"layers 0..{k - 1} first (the solar layout does)")

@@ -104,3 +104,86 @@ def test_out_of_scope_multimodal_families_are_refused_in_one_line(model_type, wo
     cfg.architectures = [zoo.image_text_types()[model_type]]
     cfg.save_pretrained(folder)
     assert_one_line_error(dus("plan", folder), words, "DUS grows decoder-only LMs")
+
+
+# --- the real configs users download (config files only, written here; no download) -------------------------
+
+GEMMA3_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                     image_size=896, patch_size=14)
+REAL = {
+    "gemma-3-4b": ("gemma3", dict(text_config=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                                                   num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                                   sliding_window=1024, query_pre_attn_scalar=256),
+                                  vision_config=GEMMA3_VISION, mm_tokens_per_image=256)),
+    "gemma-3-12b": ("gemma3", dict(text_config=dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                                                    num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                                    sliding_window=1024, query_pre_attn_scalar=256),
+                                   vision_config=GEMMA3_VISION, mm_tokens_per_image=256)),
+    "gemma-3-27b": ("gemma3", dict(text_config=dict(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62,
+                                                    num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                                                    sliding_window=1024, query_pre_attn_scalar=168),
+                                   vision_config=GEMMA3_VISION, mm_tokens_per_image=256)),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", dict(text_config=dict(hidden_size=3584, intermediate_size=18944,
+                                                          num_hidden_layers=28, num_attention_heads=28,
+                                                          num_key_value_heads=4, vocab_size=152064),
+                                         vision_config=dict(depth=32, hidden_size=1280, out_hidden_size=3584))),
+    "qwen3-vl-8b": ("qwen3_vl", dict(text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+                                     vision_config=dict(depth=27, hidden_size=1152, out_hidden_size=4096,
+                                                        deepstack_visual_indexes=[8, 16, 24]))),
+    "llama-4-scout": ("llama4", dict(text_config=dict(hidden_size=5120, intermediate_size=8192,
+                                                      intermediate_size_mlp=16384, num_hidden_layers=48,
+                                                      num_attention_heads=40, num_key_value_heads=8,
+                                                      num_local_experts=16, num_experts_per_tok=1,
+                                                      interleave_moe_layer_step=1))),
+    "mistral-small-3.1-24b": ("mistral3", dict(text_config=dict(model_type="mistral", hidden_size=5120,
+                                                                intermediate_size=32768, num_hidden_layers=40,
+                                                                num_attention_heads=32, num_key_value_heads=8,
+                                                                head_dim=128, vocab_size=131072))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_plan_on_the_real_config(name, tmp_path):
+    """`dus plan` on the config of a model users pick today: the layer map at the default m, the text config's
+    per-layer lists by that map, the multimodal note, and what llama.cpp will do with Gemma 3's text model."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from dus_plugin.architecture import Architecture, upscaled_config
+    from dus_plugin.plan import layout_plan
+
+    model_type, over = REAL[name]
+    cfg = CONFIG_MAPPING[model_type](**over)
+    cfg.architectures = [zoo.image_text_types()[model_type]]
+    cfg.save_pretrained(tmp_path / name)
+    said = dus_ok("plan", tmp_path / name, "-o", tmp_path / "r.yml").output
+    n = over["text_config"]["num_hidden_layers"]
+    m = n // 4
+    assert f"layout solar: n={n}  m={m}  s={2 * (n - m)}" in said
+    assert "is multimodal: only its language tower" in said
+    base = json.loads((tmp_path / name / "config.json").read_text())
+    layer_map = layout_plan(n, "solar", None, None).layer_map
+    out = upscaled_config(base, layer_map)["text_config"]
+    Architecture(base).check_layers(layer_map)  # every grown text layer built as its source
+    from dus_plugin.families import LAYER_INDEX_KEYS
+
+    for key, value in base["text_config"].items():
+        if key in LAYER_INDEX_KEYS and isinstance(value, list):  # indices of layers: those whose source is listed
+            assert out[key] == [i for i, s in enumerate(layer_map) if s in set(value)], key
+        elif isinstance(value, list) and len(value) == n:
+            assert out[key] == [value[s] for s in layer_map], key
+    if name.startswith("gemma"):
+        # 27B: llama.cpp scales attention by hidden/heads = 168 only at exactly 62 layers; grown, it would use 128
+        assert ("query_pre_attn_scalar is 168" in said) == (name == "gemma-3-27b")
+        assert ("gguf-patch" in said) == ((n - 2 * m) % 6 != 0)
+
+
+def test_a_layer_map_that_moves_qwen3_vl_deepstack_layers_is_refused(tmp_path):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type, over = REAL["qwen3-vl-8b"]
+    cfg = CONFIG_MAPPING[model_type](**over)
+    cfg.architectures = [zoo.image_text_types()[model_type]]
+    cfg.save_pretrained(tmp_path / "q")
+    assert_one_line_error(dus("plan", tmp_path / "q", "--layers", "1:36,0:1"), "deepstack_visual_indexes",
+                          "text layers 0..2")
