@@ -13,8 +13,10 @@ names answer the last, since transformers may rename tensors between file and mo
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterable, Mapping, Sequence
@@ -68,6 +70,33 @@ class Architecture:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = dict(config)
         self._grown: dict[tuple[int, ...], Any] = {}
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Architecture":
+        """The architecture of a model folder (its config.json), as the trainer hands it down."""
+        return cls(json.loads((Path(folder) / "config.json").read_text()))
+
+    @property
+    def model_class(self):
+        """The class transformers loads this folder with: a causal LM, or the family's image-text-to-text model."""
+        return model_class(self.config)
+
+    def layers_of(self, model: Any) -> Any:
+        """The decoder-layer list of a loaded model of this architecture (the language tower's, when multimodal)."""
+        return model.get_submodule(find_stack(model, self.n, self.multimodal))
+
+    def freeze_outside_language_tower(self, model: Any) -> int:
+        """Turn off gradients of the vision tower, projector and every other non-text part of a multimodal model
+        (the language tower and the output head keep theirs); returns the parameters frozen."""
+        if not self.multimodal:
+            return 0
+        tower = language_tower(model) + "."
+        frozen = 0
+        for name, p in model.named_parameters():
+            if not name.startswith(tower) and not name.startswith("lm_head.") and p.requires_grad:
+                p.requires_grad_(False)
+                frozen += p.numel()
+        return frozen
 
     @property
     def name(self) -> str:

@@ -187,3 +187,34 @@ def test_a_layer_map_that_moves_qwen3_vl_deepstack_layers_is_refused(tmp_path):
     cfg.save_pretrained(tmp_path / "q")
     assert_one_line_error(dus("plan", tmp_path / "q", "--layers", "1:36,0:1"), "deepstack_visual_indexes",
                           "text layers 0..2")
+
+
+def test_training_a_grown_multimodal_model_trains_its_language_tower_only(tokenizer, tmp_path):
+    """`dus train` on a grown Gemma 3: the loss goes down, every non-text tensor stays the base's, the text
+    layers move, and the export loads as the whole multimodal model again, with its processor file."""
+    import yaml
+    from transformers import AutoModelForImageTextToText
+
+    base = zoo.make_multimodal_model("gemma3", tmp_path / "base", tokenizer)
+    (base / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor"}))
+    out, manifest = _upscale(base, tmp_path, "identity")
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n\n".join(" ".join(f"word{(i * 7 + j) % 50}" for j in range(60)) for i in range(200)))
+    cfg = {"model": str(out), "output_dir": str(tmp_path / "run"), "micro_batch_size": 4, "global_batch_size": 4,
+           "data": {"sources": [{"path": str(corpus)}], "seq_len": 64, "val_fraction": 0.05},
+           "max_steps": 12, "optimizer": {"lr": 3e-3}, "log_every": 1, "tensorboard": False}
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(cfg))
+    said = dus_ok("train", tmp_path / "t.yml").output
+    assert "the vision tower and projector stay frozen" in said
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5, losses
+    final = tmp_path / "run" / "final"
+    model = zc.load_clean(final, AutoModelForImageTextToText)
+    grown = zc.load_clean(out, AutoModelForImageTextToText)
+    tower = _text_stack(model).split(".layers.")[0] + "."
+    before, after = grown.state_dict(), model.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(k.startswith(tower) or k.startswith("lm_head.") for k in moved), sorted(moved)[:3]
+    assert any(".layers." in k for k in moved)
+    assert (final / "preprocessor_config.json").is_file()

@@ -33,6 +33,8 @@ class Resolved:
     need: memory.MemoryEstimate
     capacity: float | None
     choices: list[str] = field(default_factory=list)
+    multimodal: bool = False
+    """An image-text-to-text model: only its language tower trains."""
 
     def report(self) -> str:
         return "\n".join([self.need.table()] + [f"  {line}" for line in self.choices])
@@ -53,7 +55,9 @@ def resolve(cfg: TrainConfig, processes: int, distributed_type: str, device_type
         need = memory.check_fits(cfg, processes, distributed_type, device_type, shape)
     else:
         need = memory.estimate(cfg, shape, processes, distributed_type)
-    return Resolved(cfg, need, capacity, choices)
+    from dus_plugin.architecture import Architecture
+
+    return Resolved(cfg, need, capacity, choices, Architecture.from_folder(cfg.model).multimodal)
 
 
 def _kernels(cfg: TrainConfig, device_type: str, choices: list[str]) -> TrainConfig:

@@ -23,6 +23,7 @@ from dus_plugin.train.metrics import MetricsLog, plot_loss
 from dus_plugin.train.profile import StepProfiler
 from dus_plugin.train.schedule import LRSchedule
 from dus_plugin.train.seam import freeze, param_groups, read_layout
+from dus_plugin.stream import copy_tokenizer_files
 
 LOG = logging.getLogger(__name__)
 
@@ -73,13 +74,17 @@ def _accelerator(cfg: TrainConfig):
 
 def _load_model(cfg: TrainConfig, accelerator):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from dus_plugin.architecture import Architecture
+
+    arch = Architecture.from_folder(cfg.model)
     frozen_bf16 = memory.frozen_in_file_dtype(cfg)
     dtype = torch.bfloat16 if cfg.master_weights == "bf16" or frozen_bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
+    model = arch.model_class.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
-    trainable = freeze(model, cfg.train_only, read_layout(cfg.model))
+    trainable = freeze(model, cfg.train_only, read_layout(cfg.model), arch)
+
     if frozen_bf16:  # loaded as the files hold them; only what trains gets float32 master weights
         for p in model.parameters():
             if p.requires_grad:
@@ -95,16 +100,14 @@ def _load_model(cfg: TrainConfig, accelerator):
         from dus_plugin.train.fp8 import to_float8
 
         to_float8(model, cfg.fp8_recipe)
-    _checkpoint_layers(cfg, model)
+    _checkpoint_layers(cfg, model, arch)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     return model, tokenizer
 
 
-def _checkpoint_layers(cfg: TrainConfig, model) -> None:
+def _checkpoint_layers(cfg: TrainConfig, model, arch) -> None:
     """Recompute the first K decoder layers in backward (all of them for full), as ``train.auto`` planned."""
-    from dus_plugin.architecture import find_stack
-
-    layers = model.get_submodule(find_stack(model, model.config.num_hidden_layers))
+    layers = arch.layers_of(model)
     count = memory.checkpointed_count(cfg, len(layers))
     if not count:
         return
@@ -220,6 +223,8 @@ def setup(cfg: TrainConfig, accelerator, checkpoints: CheckpointManager, resume:
     cfg, need = plan.cfg, plan.need
     if accelerator.is_main_process:
         (echo or LOG.info)(plan.report())
+        if plan.multimodal:
+            (echo or LOG.info)("  multimodal: the language tower trains; the vision tower and projector stay frozen")
     _cap_gpu_memory(cfg, accelerator)
     model, tokenizer = _load_model(cfg, accelerator)
     data = _packed_data(cfg, tokenizer, accelerator, quiet)
@@ -469,10 +474,12 @@ def baseline_loss(cfg: TrainConfig, data: PackedData, accelerator) -> float | No
     """``validation_loss`` of ``cfg.baseline_model`` (loaded beside the prepared model before any optimizer state
     exists, then freed): the line growth must beat."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from dus_plugin.architecture import Architecture
 
     dtype = torch.bfloat16 if cfg.bf16_compute else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.baseline_model, dtype=dtype, attn_implementation="sdpa")
+    model = Architecture.from_folder(cfg.baseline_model).model_class.from_pretrained(
+        cfg.baseline_model, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False  # as the trained model: with a cache, transformers ignores the document mask
     model.to(accelerator.device)
     loss = validation_loss(cfg, model, data, accelerator)
@@ -505,6 +512,7 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         _config_says_dtype(tmp, dtype)
         tokenizer.save_pretrained(tmp)
+        copy_tokenizer_files(Path(cfg.model), tmp)  # the processor's files of a multimodal model, the chat template
         _write_manifest(cfg, tmp, result)
         if (Path(cfg.output_dir) / "loss_curve.png").is_file():  # the model card shows it
             shutil.copy(Path(cfg.output_dir) / "loss_curve.png", tmp / "loss_curve.png")
@@ -534,11 +542,9 @@ def _without_tied_copies(state: dict, model) -> dict:
 
 def _fresh_model(model_dir: str):
     """An unfused module tree of the same architecture, on the meta device, to save a state dict with."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from dus_plugin.architecture import Architecture
 
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return Architecture.from_folder(model_dir).meta
 
 
 def _saved_dtype(model_dir: str):

@@ -106,18 +106,15 @@ def size(n: float, unit_of: float | None = None) -> str:
 
 def model_shape(cfg: TrainConfig) -> ModelShape:
     """Parameter counts of the configured model, with ``train_only`` applied, from a meta-device build."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dus_plugin.architecture import find_stack
+    from dus_plugin.architecture import Architecture
     from dus_plugin.train.seam import freeze, read_layout
 
     check_model_folder(cfg.model)
-    config = AutoConfig.from_pretrained(cfg.model)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    trainable = freeze(model, cfg.train_only, read_layout(cfg.model))
-    stack = model.get_submodule(find_stack(model, config.num_hidden_layers))
+    arch = Architecture.from_folder(cfg.model)
+    model = arch.meta
+    config = model.config.get_text_config()
+    trainable = freeze(model, cfg.train_only, read_layout(cfg.model), arch)
+    stack = arch.layers_of(model)
     heads = getattr(config, "num_attention_heads", 1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     trained = [p for p in model.parameters() if p.requires_grad]  # a tied tensor is listed once

@@ -89,15 +89,17 @@ def chosen_layers(train_only: TrainOnlyConfig, layout: SeamLayout | None, num_la
     return set(layout.duplicated) if train_only.layers == "duplicated" else layout.window(train_only.window)
 
 
-def freeze(model: Any, train_only: TrainOnlyConfig | None, layout: SeamLayout | None) -> int:
-    """Turn off gradients outside the chosen layers; returns the number of trainable parameters."""
+def freeze(model: Any, train_only: TrainOnlyConfig | None, layout: SeamLayout | None, arch: Any) -> int:
+    """Turn off gradients outside the chosen layers (and, in a multimodal model, outside its language tower);
+    returns the number of trainable parameters. ``arch``: the model's ``Architecture``."""
     from dus_plugin.architecture import find_stack
 
     if train_only is not None:
-        n = model.config.num_hidden_layers
+        n = arch.n
         keep = chosen_layers(train_only, layout, n)
-        prefix = find_stack(model, n) + "."
+        prefix = find_stack(model, n, arch.multimodal) + "."
         for name, p in model.named_parameters():
             layer = layer_of(name, prefix)
             p.requires_grad_(layer in keep if layer is not None else train_only.non_layer)
+    arch.freeze_outside_language_tower(model)  # after train_only, whose non_layer would free the vision tower
     return sum(p.numel() for p in model.parameters() if p.requires_grad)  # parameters() lists a tied tensor once
