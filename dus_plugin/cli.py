@@ -187,7 +187,8 @@ def verify(out: Path, base: str | None, no_forward: bool, quiet: bool) -> None:
            "bitwise equal to their planned base tensors" if r.against_base else
            "matching the manifest's hashes (base not found; pass --base)")
     click.echo(f"ok: {r.tensors} tensors {how}; config and tokenizer follow the plan"
-               + ("; transformers forward pass ok" if r.forward else ""))
+               + ("; transformers forward pass ok" if r.forward else "")
+               + (" (an image in the prompt)" if r.image else ""))
 
 
 @main.command()

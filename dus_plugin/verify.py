@@ -42,6 +42,8 @@ class VerifyReport:
     """A merge whose parents are at hand: every tensor was checked against their merge again."""
     held: str = ""
     """How the forward pass held the model: "streamed" (one module at a time) or "whole"."""
+    image: bool = False
+    """A multimodal model's forward pass had an image in its prompt (else text only)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def verify(folder: str | Path, base: str | Path | None = None, forward: bool = T
                           else _check_hashes(folder, manifest, quiet))
     if forward:
         function_preserving = manifest.method in ("identity", "average") and not report.trained
-        report.held = _forward(folder, base_dir if function_preserving else None)
+        report.held, report.image = _forward(folder, base_dir if function_preserving else None)
         report.forward = True
     LOG.info("verified %s: %d tensors", folder, report.tensors)
     return report
@@ -307,27 +309,29 @@ def _model_class(folder: Path):
     return model_class(json.loads((folder / "config.json").read_text()))
 
 
-def _forward(folder: Path, identity_base: Path | None) -> str:
+def _forward(folder: Path, identity_base: Path | None) -> tuple[str, bool]:
     """Run a forward pass (one module in memory at a time where the family allows it); an identity upscale
-    must give exactly the base's logits. Returns how the model was held: "streamed" or "whole"."""
+    must give exactly the base's logits. Returns how the model was held ("streamed" or "whole") and whether
+    the prompt held an image (a multimodal model whose image inputs ``vision_inputs`` can build)."""
     import torch
     from transformers import AutoConfig
 
     from dus_plugin.errors import StreamUnsupported
 
     ids = (torch.arange(1, 17).unsqueeze(0) * 7) % AutoConfig.from_pretrained(folder).get_text_config().vocab_size
+    image = False
     try:
         logits, ref = _logits_streamed(folder, identity_base, ids)
         how = "streamed"
     except StreamUnsupported as e:
         LOG.info("verify loads %s whole: %s", folder.name, e)
-        logits, ref = _logits_whole(folder, identity_base, ids)
+        logits, ref, image = _logits_whole(folder, identity_base, ids)
         how = "whole"
     if not torch.isfinite(logits).all():
         raise VerifyError(f"forward pass of {folder} gives non-finite logits")
     if ref is not None:
         _same_logits(logits, ref)
-    return how
+    return how, image
 
 
 def _logits_streamed(folder: Path, identity_base: Path | None, ids):
@@ -359,21 +363,26 @@ def _logits_whole(folder: Path, identity_base: Path | None, ids):
     """The fallback: the whole model in float32 (and then the base, for an identity upscale)."""
     import torch
 
+    from dus_plugin.vision_inputs import image_prompt
+
     model = _load(folder)
+    inputs = (image_prompt(model) if getattr(model.config, "vision_config", None) is not None else None) \
+        or {"input_ids": ids}
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits
+            logits = model(**inputs, use_cache=False).logits
     except Exception as e:
         raise _forward_failed(folder, e) from None
     del model
+    image = "pixel_values" in inputs
     if identity_base is None:
-        return logits, None
+        return logits, None, image
     base = _model_class(identity_base).from_pretrained(identity_base, dtype=torch.float32).eval()
     out_dtype = _file_dtype(folder)
     with torch.no_grad():
         for p in base.parameters():  # a cast upscale equals the base rounded to its dtype, not the base itself
             p.copy_(p.to(out_dtype).float())
-        return logits, base(input_ids=ids, use_cache=False).logits
+        return logits, base(**inputs, use_cache=False).logits, image
 
 
 def _same_logits(logits, ref) -> None:

@@ -33,6 +33,13 @@ FAMILIES = (
 )
 
 
+# Families whose image inputs dus_plugin.vision_inputs builds from the model alone: their identity check has an
+# image in the prompt (the others are checked with text; README says which)
+WITH_IMAGE = ("aya_vision", "cohere2_vision", "exaone4_5", "got_ocr2", "hyperclovax_vision_v2", "idefics2", "idefics3",
+              "internvl", "lighton_ocr", "llava", "minimax_m3_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_vl",
+              "smolvlm", "step3p7", "video_llava")
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from dus_plugin.fixtures import make_tokenizer
@@ -61,9 +68,14 @@ def _text_stack(model) -> str:
 def test_multimodal_family(model_type, tokenizer, tmp_path):
     from transformers import AutoModelForImageTextToText
 
+    from dus_plugin.verify import verify
+    from dus_plugin.vision_inputs import image_prompt
+
     base = zoo.make_multimodal_model(model_type, tmp_path / "base", tokenizer)
     (base / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor"}))
     base_model = zc.load_clean(base, AutoModelForImageTextToText)
+    prompt = image_prompt(base_model)
+    assert (prompt is not None) == (model_type in WITH_IMAGE)
     for method in ("solar", "identity"):
         out, manifest = _upscale(base, tmp_path, method)
         layer_map, prefix = manifest.plan.layer_map, manifest.layers.prefix
@@ -76,11 +88,13 @@ def test_multimodal_family(model_type, tokenizer, tmp_path):
         model = zc.load_clean(out, AutoModelForImageTextToText)
         assert type(model) is type(base_model) and model.config.get_text_config().num_hidden_layers == len(layer_map)
         got = zc.logits(model)
-        if method == "identity":
-            assert torch.equal(got, zc.logits(base_model))
-        else:
-            ref = zc.stacked_reference(base_model, model.config, _text_stack(base_model), layer_map, model)
-            assert torch.equal(got, zc.logits(ref))
+        ref = base_model if method == "identity" else \
+            zc.stacked_reference(base_model, model.config, _text_stack(base_model), layer_map, model)
+        assert torch.equal(got, zc.logits(ref))
+        if prompt is not None:  # the same with an image in the prompt: the vision tower feeds the grown tower
+            with torch.no_grad():
+                assert torch.equal(model(**prompt).logits, ref(**prompt).logits)
+    assert verify(out, quiet=True).image == (prompt is not None)  # dus verify's own forward pass had the image
 
 
 def test_the_card_and_plan_say_which_tower_grew(tokenizer, tmp_path):

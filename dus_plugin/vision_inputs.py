@@ -1,0 +1,60 @@
+"""A prompt with an image for a multimodal model's forward pass, built from the model itself (no processor files).
+
+The image is random pixels at the vision config's size. Families take it in a few shapes (one image tensor; with its
+size; one tile per image; flattened patches with their grid, as Qwen-VL), so each shape is tried in turn: the first
+that ``get_image_features`` accepts gives the number of image features, and the prompt holds that many image
+tokens between a few text tokens. ``None`` when no shape fits the family: the caller feeds text only and says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+TOKEN_KEYS = ("image_token_id", "image_token_index")
+
+
+def image_prompt(model: Any) -> dict[str, Any] | None:
+    """Keyword arguments for ``model(**inputs)``: input_ids with image tokens and the image; None if none fits."""
+    import torch
+
+    token = next((getattr(model.config, k) for k in TOKEN_KEYS if isinstance(getattr(model.config, k, None), int)), None)
+    if token is None or not hasattr(model, "get_image_features") or getattr(model.config, "vision_config", None) is None:
+        return None
+    for image in _image_shapes(model.config.vision_config):
+        try:
+            with torch.no_grad():
+                count = _feature_count(model.get_image_features(**image))
+                inputs = {"input_ids": torch.tensor([[5, 6] + [token] * count + [7, 8, 9]]), **image}
+                model(**inputs, use_cache=False)
+            return inputs
+        except Exception:  # this family takes its image in another shape: try the next one
+            continue
+    return None
+
+
+def _image_shapes(vision: Any) -> Iterator[dict[str, Any]]:
+    import torch
+
+    size = getattr(vision, "image_size", 28)
+    size = size[0] if isinstance(size, (list, tuple)) else size if isinstance(size, int) else 28
+    channels = getattr(vision, "num_channels", None) or 3
+    pixels = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0))
+    yield {"pixel_values": pixels}
+    yield {"pixel_values": pixels, "image_sizes": torch.tensor([[size, size]])}
+    yield {"pixel_values": pixels.unsqueeze(1)}
+    patch = getattr(vision, "patch_size", 14)
+    temporal = getattr(vision, "temporal_patch_size", 2)
+    merge = getattr(vision, "spatial_merge_size", 2)
+    flat = torch.randn(merge * merge, channels * temporal * patch * patch, generator=torch.Generator().manual_seed(0))
+    yield {"pixel_values": flat, "image_grid_thw": torch.tensor([[1, merge, merge]])}
+
+
+def _feature_count(features: Any) -> int:
+    """How many image embeddings (one image token each) the vision tower returned."""
+    if getattr(features, "pooler_output", None) is not None:
+        features = features.pooler_output
+    elif hasattr(features, "last_hidden_state"):
+        features = features.last_hidden_state
+    if isinstance(features, (list, tuple)):
+        return sum(f.reshape(-1, f.shape[-1]).shape[0] for f in features)
+    return features.reshape(-1, features.shape[-1]).shape[0]
