@@ -244,13 +244,14 @@ def test_checkpointing_the_first_k_layers_recomputes_exactly_those(tmp_path, ide
     rest once; and the loss and gradients are the ones without checkpointing."""
     from transformers import AutoModelForCausalLM
 
+    from dus_plugin.architecture import Architecture
     from dus_plugin.train.loop import _checkpoint_layers
 
     def step(value):
         model = AutoModelForCausalLM.from_pretrained(identity_dus, dtype=torch.float32)
         model.train()
         cfg = load_train_config(make_config(tmp_path, identity_dus, activation_checkpointing=value))
-        _checkpoint_layers(cfg, model)
+        _checkpoint_layers(cfg, model, Architecture.from_folder(identity_dus))
         calls = [0] * len(model.model.layers)
         for i, layer in enumerate(model.model.layers):  # module hooks do not fire in the replay: wrap forward
             def counted(x, forward=layer.mlp.forward, i=i):
