@@ -207,7 +207,7 @@ class Architecture:
         """PlanError unless every output layer is built exactly as its source layer (on the meta device)."""
         out = self.grown(layer_map)
         src_layers = self.meta.get_submodule(self.stack_path)
-        out_layers = out.get_submodule(self.stack_path)
+        out_layers = out.get_submodule(find_stack(out, len(layer_map), self.multimodal))
         cache: dict[int, list[tuple]] = {}
         for i, s in enumerate(layer_map):
             want = cache.setdefault(s, layer_signature(src_layers[s], self.n))

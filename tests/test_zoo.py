@@ -30,7 +30,7 @@ REFUSED = {
     "hrm_text": (None, "decoder layers"),
     "xlstm": (None, "decoder layers"),
     "nemotron_h": (None, "num_hidden_layers"),
-    "inkling2_text": (None, "checkpoint's tensors"),
+    "inkling2_text": (None, "is_block_boundary"),
     "gemma3n_text": (None, "store_full_length_kv"),
     "openai-gpt": ("identity", "post-LN"),
     "zaya": ("identity", "residual_scale"),

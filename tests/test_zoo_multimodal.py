@@ -218,7 +218,14 @@ def test_training_a_grown_multimodal_model_trains_its_language_tower_only(tokeni
            "data": {"sources": [{"path": str(corpus)}], "seq_len": 64, "val_fraction": 0.05},
            "max_steps": 12, "optimizer": {"lr": 3e-3}, "log_every": 1, "tensorboard": False}
     (tmp_path / "t.yml").write_text(yaml.safe_dump(cfg))
-    said = dus_ok("train", tmp_path / "t.yml").output
+    import subprocess
+    import sys
+
+    # its own process: an Accelerator made earlier in this one fixes accelerate's state for good
+    run = subprocess.run([sys.executable, "-m", "dus_plugin.cli", "train", str(tmp_path / "t.yml")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    said = run.stdout + run.stderr
     assert "the vision tower and projector stay frozen" in said
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
