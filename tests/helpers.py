@@ -54,14 +54,39 @@ def ctrl_c_after_checkpoint(args: list[str], checkpoints: Path, wait_s: float = 
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "dus_plugin.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + wait_s
-    while not list(checkpoints.glob("step-*")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    # stderr goes to a file: a pipe that nobody reads while we wait fills and stalls the child
+    with tempfile.TemporaryFile("w+") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "dus_plugin.cli", *args], stdout=subprocess.DEVNULL,
+                                stderr=err_file, text=True, start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + wait_s
+        while not list(checkpoints.glob("step-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            state = _process_state(proc.pid)
+            os.killpg(proc.pid, signal.SIGKILL)  # never leave a training process behind to slow later tests
+            proc.wait()
+            raise AssertionError(f"dus {args[0]} did not stop within 120 s of SIGINT: {state}") from None
+        err_file.seek(0)
+        err = err_file.read()
     assert proc.returncode == 130, err
     return [line for line in err.splitlines() if line.strip()]
+
+
+def _process_state(pid: int) -> str:
+    """What a stuck process is doing (Linux /proc), for the failure message."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+        tasks = sorted(p.name for p in Path(f"/proc/{pid}/task").iterdir())
+    except OSError as e:
+        return f"unreadable ({e})"
+    keep = [line for line in status if line.split(":")[0] in ("State", "Threads", "SigPnd", "ShdPnd", "SigBlk",
+                                                               "SigCgt")]
+    return f"{'; '.join(keep)}; wchan={wchan}; tasks={tasks}"
