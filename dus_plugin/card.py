@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from dus_plugin.errors import CardError, DusError
-from dus_plugin.manifest import Manifest, TrainStage, manifest_sha256
+from dus_plugin.manifest import Manifest, TrainStage, manifest_sha256, stage_name
 
 LOG = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def _family_tree(manifest: Manifest) -> list[str]:
     lines = ["## Family tree", "", "```", manifest.base_name()]
     for stage in manifest.stages:
         if not isinstance(stage, MergeStage):
-            lines.append(f"└─ {stage.stage}")
+            lines.append(f"└─ {stage_name(stage)}")
             continue
         how = f"slerp, t = {stage.t}" if stage.method == "slerp" else "linear"
         lines.append(f"└─ merge ({how}) of:")

@@ -191,32 +191,42 @@ def verify(out: Path, base: str | None, no_forward: bool, quiet: bool) -> None:
                + (" (an image in the prompt)" if r.image else ""))
 
 
-@main.command()
-@click.argument("config", type=click.Path(path_type=Path))
-@click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Start over in an output folder that has checkpoints (removes them).")
-@click.option("--stop-after", type=int, default=None, metavar="N", help="Stop after step N with a checkpoint.")
-@click.option("--estimate", is_flag=True, help="Print the memory estimate per device and exit without training.")
-@click.option("--processes", type=int, default=1, show_default=True, help="With --estimate: processes (GPUs).")
-@click.option("--distributed-type", type=click.Choice(["NO", "MULTI_GPU", "FSDP", "DEEPSPEED"]), default=None,
-              help="With --estimate: accelerate's distributed type [default: NO for 1 process, else MULTI_GPU].")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@_handle_errors
-def train(config: Path, resume: bool, overwrite: bool, stop_after: int | None, estimate: bool, processes: int,
-          distributed_type: str | None, quiet: bool) -> None:
-    """Continued pretraining in one process (for several: accelerate launch -m dus_plugin.train)."""
-    from dus_plugin.train.config import load_train_config
-    from dus_plugin.train.loop import train as run
+def _training_command(name: str, objective: str | None, doc: str) -> None:
+    """`dus train`, `dus sft` and `dus dpo`: one trainer, one kind of YAML; sft and dpo set its objective."""
 
-    if resume and overwrite:
-        raise click.UsageError("--resume and --overwrite are alternatives; give one")
-    cfg = load_train_config(config)
-    if estimate:
-        click.echo(_estimate(cfg, processes, distributed_type))
-        return
-    r = run(cfg, resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite,
-            echo=None if quiet else click.echo)
-    click.echo(r.summary())
+    @main.command(name, help=doc)
+    @click.argument("config", type=click.Path(path_type=Path))
+    @click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint.")
+    @click.option("--overwrite", is_flag=True, help="Start over in an output folder that has checkpoints (removes them).")
+    @click.option("--stop-after", type=int, default=None, metavar="N", help="Stop after step N with a checkpoint.")
+    @click.option("--estimate", is_flag=True, help="Print the memory estimate per device and exit without training.")
+    @click.option("--processes", type=int, default=1, show_default=True, help="With --estimate: processes (GPUs).")
+    @click.option("--distributed-type", type=click.Choice(["NO", "MULTI_GPU", "FSDP", "DEEPSPEED"]), default=None,
+                  help="With --estimate: accelerate's distributed type [default: NO for 1 process, else MULTI_GPU].")
+    @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+    @_handle_errors
+    def command(config: Path, resume: bool, overwrite: bool, stop_after: int | None, estimate: bool, processes: int,
+                distributed_type: str | None, quiet: bool) -> None:
+        from dus_plugin.train.config import load_train_config
+        from dus_plugin.train.loop import train as run
+
+        if resume and overwrite:
+            raise click.UsageError("--resume and --overwrite are alternatives; give one")
+        cfg = load_train_config(config, objective=objective)
+        if estimate:
+            click.echo(_estimate(cfg, processes, distributed_type))
+            return
+        r = run(cfg, resume=resume, quiet=quiet, stop_after=stop_after, overwrite=overwrite,
+                echo=None if quiet else click.echo)
+        click.echo(r.summary())
+
+
+_training_command("train", None, "Continued pretraining (or the YAML's objective) in one process; for several: "
+                  "accelerate launch -m dus_plugin.train.")
+_training_command("sft", "sft", "Instruction tuning: the loss on the assistant's turns of chat rows, conversations "
+                  "packed (the training YAML with objective sft).")
+_training_command("dpo", "dpo", "Preference tuning (DPO) on prompt/chosen/rejected rows against the starting model "
+                  "(the training YAML with objective dpo).")
 
 
 def _estimate(cfg, processes: int, distributed_type: str | None) -> str:

@@ -94,6 +94,9 @@ class UpscaleStage(_Record):
 
 class TrainStage(_Record):
     stage: Literal["train"] = "train"
+    objective: Literal["lm", "sft", "dpo"] = "lm"
+    """What the run learned: lm, continued pretraining on text; sft, instruction tuning on the assistant's turns;
+    dpo, preference tuning on chosen and rejected answers."""
     date: str = Field(default_factory=lambda: dt.date.today().isoformat())
     from_: Optional[str] = Field(default=None, alias="from")
     """The folder training started from."""
@@ -103,6 +106,12 @@ class TrainStage(_Record):
     val_loss: Optional[float] = None
     config: dict[str, Any] = Field(default_factory=dict)
     """The training YAML, as validated."""
+
+
+def stage_name(stage: Any) -> str:
+    """A stage as the family tree names it: upscale, train (continued pretraining), sft, dpo or merge."""
+    objective = getattr(stage, "objective", "lm")
+    return stage.stage if objective == "lm" else objective
 
 
 class MergeParent(_Record):

@@ -142,7 +142,7 @@ def _run(doc: dict[str, Any], tmp: Path, quiet: bool) -> None:
 
 def _manifest(models: list[str], doc: dict[str, Any], checked: int):
     """The first parent's record with a merge stage naming every parent (a plain folder gets a fresh record)."""
-    from dus_plugin.manifest import BaseRecord, Manifest, MergeParent, MergeStage, manifest_sha256
+    from dus_plugin.manifest import BaseRecord, Manifest, MergeParent, MergeStage, manifest_sha256, stage_name
 
     first = Path(models[0])
     manifest = Manifest.read_optional(first) or Manifest(base=BaseRecord(
@@ -150,7 +150,7 @@ def _manifest(models: list[str], doc: dict[str, Any], checked: int):
                                                                         [None])[0], config=_config(first)))
     weights = [m.get("parameters", {}).get("weight") for m in doc["models"]]
     parents = [MergeParent(ref=Path(m).name, local_path=str(Path(m).absolute()), manifest_sha256=manifest_sha256(m),
-                           weight=w, stages=[s.stage for s in (Manifest.read_optional(m) or Manifest()).stages])
+                           weight=w, stages=[stage_name(s) for s in (Manifest.read_optional(m) or Manifest()).stages])
                for m, w in zip(models, weights)]
     stage = MergeStage(method=doc["merge_method"], parents=parents, t=(doc.get("parameters") or {}).get("t"),
                        tensors_checked=checked)

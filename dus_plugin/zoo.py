@@ -20,6 +20,10 @@ SIZES: dict[str, Any] = dict(
     n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=16, q_lora_rank=32,
     qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_positions=256, n_ctx=256, sliding_window=16,
     rotary_dim=8, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    # sized for the real model in some families' defaults (a test model of thousands-wide layers takes minutes)
+    ffn_hidden_size=128, expert_ffn_hidden_size=32, zero_expert_num=2, shared_intermediate_size=64,
+    shared_experts_intermediate_size=32, mamba_n_heads=8, mamba_d_state=16, mamba_chunk_size=32,
+    linear_key_head_dim=16, linear_value_head_dim=16, index_head_dim=16, index_topk=32, index_n_heads=4,
 )
 # Per-family settings on top of SIZES: what the defaults get wrong at test size, and non-uniform
 # per-layer patterns that the layer map must carry.
@@ -31,8 +35,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v3": dict(first_k_dense_replace=1),
     "gpt_neo": dict(attention_types=[[["global", "local"], LAYERS // 2]], window_size=16),
     "mamba2": dict(num_heads=8, head_dim=16, n_groups=1, expand=2, state_size=16),
-    "dots3_note_text": dict(num_key_value_heads=4),
+    # its sliding-window layers' own attention sizes (per_layer_config) default to the real model's
+    "dots3_note_text": dict(num_key_value_heads=4, per_layer_config={
+        str(i): dict(head_dim=16, kv_lora_rank=8, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
+                     qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8) for i in (2, 3, 4, 6, 7)}),
     "zaya": dict(num_experts_per_tok=1),
+    "longcat_flash": dict(moe_topk=2),
     # attention every 2nd layer, MoE every 2nd: DUS with n - 2m even keeps the pattern
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     # RWKV rescales each layer's output weights by 2^(depth // rescale_every) at inference: a copy at a new

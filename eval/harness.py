@@ -92,13 +92,18 @@ def _materialize(include: list[Path]) -> Path:
 
 
 def run_tasks(model, tokenizer, tasks: list[TaskSpec], include_paths: list[str | Path] = (),
-              use_default_tasks: bool = True, limit: int | float | None = None, batch_size: int = 8) -> dict[str, Any]:
-    """Run each task with its own shot count; return {task: {metric: value, ...}} plus 'h6' when complete."""
+              use_default_tasks: bool = True, limit: int | float | None = None, batch_size: int = 8,
+              chat: bool = False) -> dict[str, Any]:
+    """Run each task with its own shot count; return {task: {metric: value, ...}} plus 'h6' when complete.
+    ``chat``: each request through the tokenizer's chat template, the few-shot examples as earlier turns."""
     require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise EvalError("`chat` renders lm-eval's requests with the model's chat template, and this model's tokenizer "
+                        "has none; leave `chat` off for a base model", setting="chat")
     folders = [SHIPPED_TASKS, *(Path(p) for p in include_paths)]
     tmp = _materialize(folders)
     try:
@@ -113,8 +118,9 @@ def run_tasks(model, tokenizer, tasks: list[TaskSpec], include_paths: list[str |
             with _no_git_probe():
                 out = simple_evaluate(model=lm, tasks=[spec.name], num_fewshot=spec.num_fewshot,
                                       task_manager=manager, limit=limit, log_samples=False, bootstrap_iters=0,
-                                      verbosity="ERROR")
-            scores[spec.name] = _task_scores(spec, out)
+                                      verbosity="ERROR", apply_chat_template=chat,
+                                      fewshot_as_multiturn=chat and spec.num_fewshot > 0)
+            scores[spec.name] = {**_task_scores(spec, out), "chat": chat}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if {s.name for s in H6} <= scores.keys():

@@ -51,7 +51,8 @@ def evaluate(model_dir: str | Path, settings: EvalSettings, use_default_tasks: b
         if save_to is not None and ppl is not None:
             save_result(make_result(model_dir, perplexity=ppl, label=label), save_to)
         try:
-            scores = run_tasks(model, tok, specs, settings.include_paths, use_default_tasks, limit, batch_size)
+            scores = run_tasks(model, tok, specs, settings.include_paths, use_default_tasks, limit, batch_size,
+                               chat=settings.chat)
         except Exception as e:
             if not is_network_error(e):
                 raise

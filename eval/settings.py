@@ -24,6 +24,9 @@ class EvalSettings(BaseModel):
     """lm-eval tasks: h6, or task[:shots[:metric]],... (needs the [eval] extra)."""
     include_paths: list[str] = []
     """Folder of extra lm-eval task YAMLs (repeatable)."""
+    chat: bool = False
+    """lm-eval through the model's chat template, few-shot examples as earlier turns: the Open LLM Leaderboard's
+    settings for instruct models (apply_chat_template, fewshot_as_multiturn)."""
 
 
 # The flags that read better than the field's name; every other flag is the field's name.

@@ -33,6 +33,9 @@ class DataSource(Strict):
     """Read an `hf:` dataset as a stream; tokenization stops at max_tokens."""
     max_tokens: Optional[int] = Field(None, gt=0)
     """Cap on tokens taken from this source (required with streaming)."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """sft and dpo: the source's own column for each name dus reads, e.g. OpenOrca's
+    {system: system_prompt, prompt: question, completion: response}."""
 
     @model_validator(mode="after")
     def _stream_cap(self) -> "DataSource":
@@ -103,6 +106,12 @@ class TrainOnlyConfig(Strict):
     """Also train what is outside the layer stack: embeddings, final norm, output head."""
 
 
+class DpoConfig(Strict):
+    beta: float = Field(0.1, gt=0)
+    """How strongly the loss holds the model near the reference (the model training starts from): larger
+    keeps it closer."""
+
+
 class ProfileConfig(Strict):
     start: int = Field(10, ge=0)
     """First profiled step (after torch.compile's warm-up steps)."""
@@ -113,6 +122,13 @@ class TrainConfig(Strict):
     model: str
     """Folder of the (upscaled) model to train."""
     output_dir: str
+    objective: Literal["lm", "sft", "dpo"] = "lm"
+    """lm: continued pretraining on text (every token); sft: instruction tuning on chat rows, the loss on the
+    assistant's turns only, conversations packed; dpo: preference tuning on (prompt, chosen, rejected) rows
+    against the starting model as reference. `dus sft` and `dus dpo` set it."""
+    chat_template: Optional[str] = None
+    """sft and dpo: a .jinja file with the chat template to render conversations with [default: the model's]."""
+    dpo: DpoConfig = DpoConfig()
     data: DataConfig
     micro_batch_size: int = Field(gt=0)
     global_batch_size: int = Field(gt=0)
@@ -205,6 +221,8 @@ class TrainConfig(Strict):
             raise ValueError("precision: fp8 keeps float32 master weights; set master_weights: fp32")
         if self.master_weights == "bf16" and self.precision == "fp32":
             raise ValueError("master_weights: bf16 computes in bf16; set precision: bf16 or master_weights: fp32")
+        if self.objective == "lm" and self.chat_template:
+            raise ValueError("chat_template is for objective sft or dpo; continued pretraining reads plain text")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                              f"{self.micro_batch_size}")
@@ -238,11 +256,18 @@ def check_baseline_folder(folder: str | None) -> None:
                                "leave it out", setting="baseline_model")
 
 
-def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+def load_train_config(path: str | Path, overrides: dict | None = None, objective: str | None = None) -> TrainConfig:
+    """The validated config at PATH (with OVERRIDES); OBJECTIVE, when given (`dus sft`, `dus dpo`), is what the
+    YAML must say or leave out."""
     path = Path(path)
     data = read_yaml_mapping(path, TrainConfigError, "training config", "start from configs/cpt_tiny.yml")
     if overrides:
         data.update(overrides)
+    if objective is not None:
+        if data.setdefault("objective", objective) != objective:
+            raise TrainConfigError(f"{path} says `objective`: {data['objective']}, but this command trains "
+                                   f"objective {objective}; remove the key or make it {objective}",
+                                   setting="objective")
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as e:

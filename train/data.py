@@ -26,9 +26,19 @@ CACHE_VERSION = 1
 
 def iter_documents(src: DataSource) -> Iterator[str]:
     """Yield the documents of one source, by its kind."""
+    if not src.path.startswith("hf:") and Path(src.path).suffix == ".txt":
+        yield from _iter_text_blocks(Path(src.path))
+        return
+    for row, where in iter_rows(src):
+        if text := _field(row, src, where):  # an empty document would add a lone EOS
+            yield text
+
+
+def iter_rows(src: DataSource) -> Iterator[tuple[dict[str, Any], str]]:
+    """Yield the rows of a .jsonl, .parquet, datasets or hf: source, each with where it came from."""
     path = src.path
     if path.startswith("hf:"):
-        yield from _iter_datasets(_load_hf(src), src)
+        yield from ((row, f"{path} row {k}") for k, row in enumerate(_load_hf(src)))
         return
     p = Path(path)
     if not p.exists():
@@ -39,30 +49,34 @@ def iter_documents(src: DataSource) -> Iterator[str]:
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[src.split]
-        yield from _iter_datasets(ds, src)
-    elif p.suffix == ".txt":
-        block: list[str] = []
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    block.append(line.rstrip("\n"))
-                elif block:
-                    yield "\n".join(block)
-                    block = []
-        if block:
-            yield "\n".join(block)
+        yield from ((row, f"{path} row {k}") for k, row in enumerate(ds))
     elif p.suffix == ".jsonl":
         with open(p, encoding="utf-8") as f:
             for k, line in enumerate(f, 1):
                 if line.strip():
-                    yield _field(json.loads(line), src, f"{p}:{k}")
+                    yield json.loads(line), f"{p}:{k}"
     elif p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(p, columns=[src.text_field])
-        yield from (t for t in table.column(src.text_field).to_pylist() if t)
+        yield from ((row, f"{p} row {k}") for k, row in enumerate(pq.read_table(p).to_pylist()))
     else:
         raise _unknown_kind(path, p.suffix)
+
+
+def _iter_text_blocks(p: Path) -> Iterator[str]:
+    """A .txt file's documents: blocks separated by blank lines."""
+    if not p.exists():
+        raise TrainConfigError(f"data source {p} does not exist; check data.sources[].path")
+    block: list[str] = []
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                block.append(line.rstrip("\n"))
+            elif block:
+                yield "\n".join(block)
+                block = []
+    if block:
+        yield "\n".join(block)
 
 
 KNOWN_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -95,11 +109,6 @@ def _load_hf(src: DataSource):
     import datasets
 
     return datasets.load_dataset(src.path[3:], split=src.split, streaming=src.streaming)
-
-
-def _iter_datasets(ds, src: DataSource) -> Iterator[str]:
-    for row in ds:
-        yield _field(row, src, src.path)
 
 
 def _fingerprint(src: DataSource, tokenizer) -> str:
@@ -174,13 +183,59 @@ class Split:
         return np.asarray(self.tokens[k * self.seq_len:(k + 1) * self.seq_len], dtype=np.int64)
 
 
-class PackedData:
-    """Weighted mixture of packed sources, addressed by global sample index."""
+class Mixture:
+    """Sources mixed by weight, addressed by global sample index: sample i of a run is a pure function of
+    (seed, i), so the data position of a run is one integer and resume is exact at any world size. Each split
+    has ``n_train`` and ``n_val`` rows and ``row(k)``; a subclass says how rows become a batch (``collate``)
+    and a batch a loss (``loss``)."""
+
+    def __init__(self, splits: list[Any], weights: list[float], seed: int, total_samples: int):
+        self.splits, self.seed = splits, seed
+        w = np.array(weights, dtype=np.float64)
+        rng = np.random.default_rng([seed, 0xD05])
+        self.source_of = rng.choice(len(w), size=total_samples, p=w / w.sum()).astype(np.int32)
+        self.rank_in_source = np.zeros(total_samples, dtype=np.int64)
+        for s in range(len(w)):
+            mask = self.source_of == s
+            self.rank_in_source[mask] = np.arange(mask.sum())
+
+    def _permutation(self, s: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, s, epoch]).permutation(self.splits[s].n_train)
+
+    def sample(self, i: int) -> Any:
+        """Training row number i of the run (epochs of a source are reshuffled each time)."""
+        s = int(self.source_of[i])
+        r = int(self.rank_in_source[i])
+        split = self.splits[s]
+        epoch, pos = divmod(r, split.n_train)
+        return split.row(int(self._permutation(s, epoch)[pos]))
+
+    def batch(self, first: int, size: int) -> dict[str, Any]:
+        return self.collate([self.sample(i) for i in range(first, first + size)])
+
+    def val_rows(self) -> list[Any]:
+        """Held-out rows, round-robin over sources, in a fixed order."""
+        per = [[sp.row(sp.n_train + k) for k in range(sp.n_val)] for sp in self.splits]
+        out: list[Any] = []
+        for k in range(max((len(p) for p in per), default=0)):
+            out.extend(p[k] for p in per if k < len(p))
+        return out
+
+    def collate(self, rows: list[Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict[str, Any]):
+        """The batch's mean loss: next-token cross-entropy over the tokens whose label is not -100."""
+        return model(**batch).loss
+
+
+class PackedData(Mixture):
+    """Text sources, each tokenized once and packed into full rows of seq_len tokens."""
 
     def __init__(self, cfg: DataConfig, tokenizer, cache_dir: Path, seed: int, total_samples: int,
                  show_progress: bool = True):
-        self.cfg, self.seed, self.eos = cfg, seed, tokenizer.eos_token_id
-        self.splits: list[Split] = []
+        self.cfg, self.eos = cfg, tokenizer.eos_token_id
+        splits: list[Split] = []
         for k, src in enumerate(cfg.sources):
             tokens = tokenize_source(src, tokenizer, cache_dir, show_progress)
             n = len(tokens) // cfg.seq_len
@@ -189,42 +244,10 @@ class PackedData:
                 raise TrainConfigError(
                     f"data.sources[{k}] ({src.path}) has {len(tokens)} tokens, less than one training sequence "
                     f"of seq_len {cfg.seq_len} after the validation share; add text or lower data.seq_len")
-            self.splits.append(Split(tokens, cfg.seq_len, n - n_val, n_val))
-        weights = np.array([s.weight for s in cfg.sources], dtype=np.float64)
-        rng = np.random.default_rng([seed, 0xD05])
-        self.source_of = rng.choice(len(weights), size=total_samples, p=weights / weights.sum()).astype(np.int32)
-        self.rank_in_source = np.zeros(total_samples, dtype=np.int64)
-        for s in range(len(weights)):
-            mask = self.source_of == s
-            self.rank_in_source[mask] = np.arange(mask.sum())
-
-
-    def _permutation(self, s: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, s, epoch]).permutation(self.splits[s].n_train)
-
-    def sample(self, i: int) -> np.ndarray:
-        """Training sequence number i of the run (epochs of a source are reshuffled each time)."""
-        s = int(self.source_of[i])
-        r = int(self.rank_in_source[i])
-        split = self.splits[s]
-        epoch, pos = divmod(r, split.n_train)
-        return split.row(int(self._permutation(s, epoch)[pos]))
-
-    def batch(self, first: int, size: int) -> dict[str, Any]:
-        return self._collate([self.sample(i) for i in range(first, first + size)])
-
-    def val_rows(self) -> list[np.ndarray]:
-        """Held-out rows, round-robin over sources, in a fixed order."""
-        per = [[sp.row(sp.n_train + k) for k in range(sp.n_val)] for sp in self.splits]
-        out: list[np.ndarray] = []
-        for k in range(max((len(p) for p in per), default=0)):
-            out.extend(p[k] for p in per if k < len(p))
-        return out
+            splits.append(Split(tokens, cfg.seq_len, n - n_val, n_val))
+        super().__init__(splits, [src.weight for src in cfg.sources], seed, total_samples)
 
     def collate(self, rows: list[np.ndarray]) -> dict[str, Any]:
-        return self._collate(rows)
-
-    def _collate(self, rows: list[np.ndarray]) -> dict[str, Any]:
         import torch
 
         ids = torch.from_numpy(np.stack(rows))

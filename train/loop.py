@@ -18,7 +18,7 @@ from dus_plugin.train import auto, checkpoint, memory
 from dus_plugin.train.checkpoint import CheckpointManager
 from dus_plugin.train.compiled import compile_model
 from dus_plugin.train.config import TrainConfig, check_baseline_folder, check_model_folder
-from dus_plugin.train.data import PackedData, check_sources
+from dus_plugin.train.data import Mixture, PackedData, check_sources
 from dus_plugin.train.metrics import MetricsLog, plot_loss
 from dus_plugin.train.profile import StepProfiler
 from dus_plugin.train.schedule import LRSchedule
@@ -169,7 +169,7 @@ class Run:
     checkpoints: CheckpointManager
     model: Any
     tokenizer: Any
-    data: PackedData
+    data: Mixture
     opt: Any
     sched: Any
     metrics: MetricsLog
@@ -216,6 +216,10 @@ def setup(cfg: TrainConfig, accelerator, checkpoints: CheckpointManager, resume:
     from accelerate.utils import set_seed
 
     check_sources(cfg.data)  # before the estimate and the model load: a typo costs nothing
+    if cfg.objective != "lm":
+        from dus_plugin.train.instruct_data import check_rows
+
+        check_rows(cfg.data, cfg.objective, cfg.chat_template)
     check_model_folder(cfg.model)
     check_baseline_folder(cfg.baseline_model)
     set_seed(cfg.seed)
@@ -227,7 +231,7 @@ def setup(cfg: TrainConfig, accelerator, checkpoints: CheckpointManager, resume:
             (echo or LOG.info)("  multimodal: the language tower trains; the vision tower and projector stay frozen")
     _cap_gpu_memory(cfg, accelerator)
     model, tokenizer = _load_model(cfg, accelerator)
-    data = _packed_data(cfg, tokenizer, accelerator, quiet)
+    data = _training_data(cfg, tokenizer, accelerator, quiet)
     opt, sched = _optimizer(cfg, model, accelerator)
     _attention_backend(cfg.attention_backend)
     if cfg.compile:
@@ -235,6 +239,8 @@ def setup(cfg: TrainConfig, accelerator, checkpoints: CheckpointManager, resume:
     model, opt = accelerator.prepare(model, opt)
     accelerator.register_for_checkpointing(sched)
     start, tokens = checkpoints.resume() if resume else (0, 0)
+    if cfg.objective == "dpo":
+        _dpo_reference(cfg, model, data, accelerator, resume)
     run = Run(cfg, accelerator, checkpoints, model, tokenizer, data, opt, sched,
               MetricsLog(Path(cfg.output_dir), accelerator.is_main_process, cfg.tensorboard, resume_step=start),
               _eval_hook(cfg), round(need.total / 1e9, 2), start, tokens)
@@ -243,17 +249,41 @@ def setup(cfg: TrainConfig, accelerator, checkpoints: CheckpointManager, resume:
     return run
 
 
-def _packed_data(cfg: TrainConfig, tokenizer, accelerator, quiet: bool) -> PackedData:
-    """The tokenized, packed data; the main process tokenizes first, the others read its cache."""
+def _training_data(cfg: TrainConfig, tokenizer, accelerator, quiet: bool) -> Mixture:
+    """The objective's data (packed text, packed chats or preference pairs); the main process goes first, so
+    the others read its token cache."""
     failed = None
     with accelerator.main_process_first():
         try:
-            return PackedData(cfg.data, tokenizer, Path(cfg.data.cache_dir or Path(cfg.output_dir) / "token_cache"),
-                              cfg.seed, cfg.total_steps() * cfg.global_batch_size,
-                              show_progress=accelerator.is_main_process and not quiet)
+            return _make_data(cfg, tokenizer, accelerator.is_main_process and not quiet)
         except DusError as e:  # leave through the barrier, or the other ranks die waiting at it
             failed = e
     raise failed
+
+
+def _make_data(cfg: TrainConfig, tokenizer, show_progress: bool) -> Mixture:
+    samples = cfg.total_steps() * cfg.global_batch_size
+    if cfg.objective == "lm":
+        return PackedData(cfg.data, tokenizer, Path(cfg.data.cache_dir or Path(cfg.output_dir) / "token_cache"),
+                          cfg.seed, samples, show_progress=show_progress)
+    from dus_plugin.train.instruct_data import ChatData, ChatTemplate, PreferenceData
+
+    template = ChatTemplate(tokenizer, cfg.chat_template)
+    if cfg.objective == "sft":
+        return ChatData(cfg.data, template, cfg.seed, samples)
+    return PreferenceData(cfg.data, template, cfg.seed, samples, cfg.dpo.beta)
+
+
+def _dpo_reference(cfg: TrainConfig, model, data, accelerator, resume: bool) -> None:
+    """DPO's reference log-probabilities: measured with the model as it starts, before any step, and kept in the
+    output folder, so a resumed run compares with the same reference."""
+    path = Path(cfg.output_dir) / "dpo_reference.npz"
+    if resume and data.load_reference(path):
+        return
+    LOG.info("measuring the reference model's log-probabilities of every answer")
+    data.measure_reference(model, accelerator.device, cfg.micro_batch_size)
+    if accelerator.is_main_process:
+        data.save_reference(path)
 
 
 def fit(run: Run, end: int, quiet: bool) -> None:
@@ -419,7 +449,7 @@ def _eval_hook(cfg: TrainConfig):
     return EvalHook(cfg.eval, cfg.output_dir, seq_len=cfg.data.seq_len, model_dir=cfg.model)
 
 
-def _train_step(cfg: TrainConfig, model, opt, data: PackedData, accelerator, step: int, accum: int,
+def _train_step(cfg: TrainConfig, model, opt, data: Mixture, accelerator, step: int, accum: int,
                 world: int, rank: int) -> float:
     """One optimizer step over ``accum`` micro-batches; returns the mean loss across processes.
 
@@ -436,7 +466,7 @@ def _train_step(cfg: TrainConfig, model, opt, data: PackedData, accelerator, ste
         first = ((step * accum + k) * world + rank) * micro
         batch = {key: v.to(accelerator.device) for key, v in data.batch(first, micro).items()}
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            loss = data.loss(model, batch)
             accelerator.backward(loss)
             loss_sum += loss.detach()
             if accelerator.sync_gradients:
@@ -449,7 +479,7 @@ def _train_step(cfg: TrainConfig, model, opt, data: PackedData, accelerator, ste
     return mean
 
 
-def validation_loss(cfg: TrainConfig, model, data: PackedData, accelerator) -> float | None:
+def validation_loss(cfg: TrainConfig, model, data: Mixture, accelerator) -> float | None:
     """Mean token loss on the held-out rows (sharded across processes)."""
     import torch
 
@@ -463,14 +493,14 @@ def validation_loss(cfg: TrainConfig, model, data: PackedData, accelerator) -> f
         for k in range(0, len(mine), cfg.micro_batch_size):
             chunk = mine[k:k + cfg.micro_batch_size]
             batch = {key: v.to(accelerator.device) for key, v in data.collate(chunk).items()}
-            total[0] += model(**batch).loss.double() * len(chunk)
+            total[0] += data.loss(model, batch).double() * len(chunk)
             total[1] += len(chunk)
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1]).item()
 
 
-def baseline_loss(cfg: TrainConfig, data: PackedData, accelerator) -> float | None:
+def baseline_loss(cfg: TrainConfig, data: Mixture, accelerator) -> float | None:
     """``validation_loss`` of ``cfg.baseline_model`` (loaded beside the prepared model before any optimizer state
     exists, then freed): the line growth must beat."""
     import torch
@@ -511,8 +541,13 @@ def export(cfg: TrainConfig, model, tokenizer, accelerator, result: TrainResult)
         state = _without_tied_copies(state, unwrapped)
         unwrapped.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         _config_says_dtype(tmp, dtype)
+        template = Path(cfg.chat_template).read_text(encoding="utf-8") if cfg.chat_template else None
+        if template:  # the model now answers in this format: its tokenizer says so
+            tokenizer.chat_template = template
         tokenizer.save_pretrained(tmp)
         copy_tokenizer_files(Path(cfg.model), tmp)  # the processor's files of a multimodal model, the chat template
+        if template:
+            (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         _write_manifest(cfg, tmp, result)
         if (Path(cfg.output_dir) / "loss_curve.png").is_file():  # the model card shows it
             shutil.copy(Path(cfg.output_dir) / "loss_curve.png", tmp / "loss_curve.png")
@@ -563,6 +598,6 @@ def _write_manifest(cfg: TrainConfig, folder: Path, result: TrainResult) -> None
         config = json.loads((Path(cfg.model) / "config.json").read_text())
         manifest = Manifest(base=BaseRecord(ref=Path(cfg.model).name, local_path=str(Path(cfg.model).absolute()),
                                             architecture=(config.get("architectures") or [None])[0], config=config))
-    stage = TrainStage(steps=result.steps, tokens=result.tokens, loss=result.loss, val_loss=result.val_loss,
+    stage = TrainStage(objective=cfg.objective, steps=result.steps, tokens=result.tokens, loss=result.loss, val_loss=result.val_loss,
                        config=cfg.model_dump(mode="json"), **{"from": str(Path(cfg.model).absolute())})
     manifest.append_stage(stage).write(folder)
