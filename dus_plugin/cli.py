@@ -395,9 +395,10 @@ def run_(recipe: Path | None, do_push: bool, sets: tuple[str, ...], restart: boo
     result = run(recipe or default_recipe(), push=do_push, quiet=quiet, echo=click.echo,
                  overrides=parse_overrides(sets), restart=restart, command=_continue_command(recipe, sets, do_push))
     click.echo("\n" + result.table + "\n")
+    width = max(12, *(len(what) + 2 for what in result.outputs))
     for what, path in result.outputs.items():
         if path.exists():
-            click.echo(f"{what + ':':<12}{path}")
+            click.echo(f"{what + ':':<{width}}{path}")
 
 
 def _continue_command(recipe: Path | None, sets: tuple[str, ...], push: bool) -> str:

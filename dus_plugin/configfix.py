@@ -12,7 +12,7 @@ import contextlib
 import logging
 from typing import Any, Iterator, Sequence
 
-from dus_plugin.families import LAYER_INDEX_KEYS, PER_LAYER_KEYS
+from dus_plugin.families import LAYER_INDEX_KEYS, PER_LAYER_KEYS, TEXT_MODULE
 
 LOG = logging.getLogger(__name__)
 
@@ -74,10 +74,20 @@ def remap_per_layer(cfg: Any, layer_map: Sequence[int], layers_key: str = "num_h
 
 
 def _merge_layer_map(merge_config: Any) -> list[int] | None:
-    """Layer map of a slices-based mergekit config (first source of each slice)."""
-    if not getattr(merge_config, "slices", None):
+    """Layer map of a slices-based mergekit config (first source of each slice), or of its text_decoder module."""
+    slices = getattr(merge_config, "slices", None)
+    modules = getattr(merge_config, "modules", None) or {}
+    if not slices and TEXT_MODULE in modules:
+        slices = modules[TEXT_MODULE].slices
+    if not slices:
         return None
-    return [i for s in merge_config.slices for i in range(*s.sources[0].layer_range)]
+    return [i for s in slices for i in range(*s.sources[0].layer_range)]
+
+
+def _count_key(arch_info: Any) -> str:
+    """The config key of the stack that grows: the text_decoder module's in a modular (multimodal) definition."""
+    module = arch_info.modules.get(TEXT_MODULE) or next(iter(arch_info.modules.values()))
+    return module.architecture.num_layers_config_key()
 
 
 @contextlib.contextmanager
@@ -92,7 +102,7 @@ def mergekit_per_layer_fix() -> Iterator[None]:
         src = config.referenced_models()[0].config(trust_remote_code=trust_remote_code)
         if layer_map is None:
             return original(config, arch_info, trust_remote_code=trust_remote_code)
-        key = next(iter(arch_info.modules.values())).architecture.num_layers_config_key()
+        key = _count_key(arch_info)
         res = original(config, arch_info, trust_remote_code=trust_remote_code)
         # restore the source's per-layer view, then rebuild both together
         sub_src, last = _sub_config(src, key)

@@ -60,3 +60,6 @@ PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sli
 LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "hybrid_layer_ids", "full_attn_layers", "linear_attn_layers",
                     "swa_layers", "global_attn_layers", "sliding_window_layers_idx",
                     "cross_attention_layers")  # Llama 3.2 Vision (mllama): the text layers that attend to the image
+
+# The module of mergekit's modular form (multimodal models) that holds the language tower: the one dus grows.
+TEXT_MODULE = "text_decoder"

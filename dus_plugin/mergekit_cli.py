@@ -41,7 +41,9 @@ def _absolute(value: str, root: Path) -> str:
 def _one_base(doc: dict, config: Path) -> None:
     """A passthrough stack is grown from one base: its per-layer settings follow that base's layer map, which
     means nothing for slices of two models (a frankenmerge is stock mergekit's job)."""
-    models = {src.get("model") for sl in doc.get("slices") or [] if isinstance(sl, dict)
+    stacks = [doc.get("slices") or []] + [m.get("slices") or [] for m in (doc.get("modules") or {}).values()
+                                          if isinstance(m, dict)]
+    models = {src.get("model") for slices in stacks for sl in slices if isinstance(sl, dict)
               for src in sl.get("sources") or [] if isinstance(src, dict)}
     if doc.get("merge_method") == "passthrough" and len(models) > 1:
         raise RecipeError(f"{config} stacks slices of {len(models)} models ({', '.join(sorted(map(str, models)))}); "

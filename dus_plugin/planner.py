@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel as Model
 from pydantic import ConfigDict
 
+from dus_plugin.families import TEXT_MODULE
 from dus_plugin.errors import BaseModelError, PlanError
 from dus_plugin.plan import DusPlan, layer_list_plan, layout_plan, parse_layers
 from dus_plugin.source import ResolvedBase
@@ -63,6 +64,7 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
         if (value := getattr(options, name)) is not None and value < 1:
             raise PlanError(f"`{name}` must be at least 1 (got {value}); leave it out for the default", setting=name)
     from dus_plugin.llamacpp import notes_for as llama_cpp_notes
+    from dus_plugin.modular import stock_modules
     from dus_plugin.recipe import build_recipe
     from dus_plugin.source import base_tensor_names, mergekit_architectures, padded_vocab, resolve_base
 
@@ -93,11 +95,11 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     if options.method == "average":
         notes.append("method average: mergekit has no per-layer mean, so this recipe runs only with `dus upscale` "
                      "(its streaming engine)")
-    elif arch.multimodal:
-        notes.append(f"{base.architecture} is multimodal: only its language tower ({arch.stack.prefix}N) grows, and "
-                     "only `dus upscale` runs this recipe (stock mergekit's slices address one layer stack, which "
-                     "a multimodal checkpoint does not have)")
-    elif base.architecture not in mergekit_architectures():
+    modules = None
+    if arch.multimodal and options.method != "average":
+        modules, why_not = stock_modules(base.config, names)
+        notes.append(_multimodal_note(base.architecture, arch.stack.prefix, modules, why_not))
+    elif not arch.multimodal and base.architecture not in mergekit_architectures():
         notes.append(f"stock mergekit has no definition of {base.architecture}: run this recipe with "
                      "`dus upscale` (its streaming engine reads the layer stack from transformers)")
     notes += llama_cpp_notes(base.config, plan.layer_map)
@@ -105,8 +107,17 @@ def make_recipe(base_ref: str, options: PlanOptions) -> PlannedRecipe:
     # a local folder is written absolute, so stock mergekit finds it from any folder (a relative name sends it to the Hub)
     model_ref = str(Path(base_ref).resolve()) if Path(base_ref).is_dir() else base_ref
     doc = build_recipe(model_ref, plan, method=options.method, dtype=dtype, projections=filters,
-                       tokenizer_source=use_source)
+                       tokenizer_source=use_source, modules=modules)
     return PlannedRecipe(base, plan, doc, notes)
+
+
+def _multimodal_note(architecture: str, prefix: str, modules: dict[str, int] | None, why_not: str) -> str:
+    head = f"{architecture} is multimodal: only its language tower ({prefix}N) grows"
+    if modules:
+        others = ", ".join(m for m in modules if m != TEXT_MODULE)
+        return (f"{head}; the recipe is mergekit's modular form (text_decoder grows; {others} copied whole), so stock "
+                "mergekit runs it")
+    return f"{head}, and only `dus upscale` runs this recipe ({why_not})"
 
 
 def _explicit_plan(n: int, options: PlanOptions) -> DusPlan:

@@ -16,6 +16,7 @@ from pydantic import BaseModel as Model
 from pydantic import ConfigDict, ValidationError, field_validator, model_validator
 
 from dus_plugin.errors import RecipeError
+from dus_plugin.families import TEXT_MODULE
 from dus_plugin.io import read_yaml_mapping
 from dus_plugin.plan import DusPlan, Slice, human_count
 from dus_plugin.validation import first_error
@@ -62,12 +63,45 @@ class SliceSpec(Model):
         return v
 
 
+class TextModule(Model):
+    model_config = ConfigDict(extra="forbid")
+    slices: list[SliceSpec]
+
+
+class Modules(Model):
+    """A multimodal recipe's modules (mergekit's modular form): the language tower grows, every other module (the
+    vision tower, the projector) is copied whole."""
+
+    model_config = ConfigDict(extra="allow")
+    text_decoder: TextModule
+
+    @model_validator(mode="after")
+    def _others_copied_whole(self) -> Modules:
+        for name, module in (self.model_extra or {}).items():
+            slices = module.get("slices") if isinstance(module, dict) else None
+            sources = slices[0].get("sources") if isinstance(slices, list) and len(slices) == 1 and \
+                isinstance(slices[0], dict) else None
+            src = sources[0] if isinstance(sources, list) and len(sources) == 1 and isinstance(sources[0], dict) \
+                else {}
+            rng = src.get("layer_range")
+            if set(src) != {"model", "layer_range"} or not (isinstance(rng, list) and len(rng) == 2 and rng[0] == 0):
+                raise ValueError(f"module {name}: dus grows only text_decoder; every other module is one slice of "
+                                 "one source with layer_range [0, its layer count] and no parameters")
+        return self
+
+    def copied_models(self) -> set[str]:
+        return {m["slices"][0]["sources"][0]["model"] for m in (self.model_extra or {}).values()}
+
+
 class Recipe(Model):
     """The subset of mergekit's schema that a DUS recipe uses, validated strictly."""
 
     model_config = ConfigDict(extra="forbid")
     merge_method: Literal["passthrough", "dus_average"]
-    slices: list[SliceSpec]
+    slices: Optional[list[SliceSpec]] = None
+    """The layer stack of a text model."""
+    modules: Optional[Modules] = None
+    """A multimodal model's modules, mergekit's modular form: text_decoder's slices grow."""
     dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
     out_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
     tokenizer_source: Optional[str] = None
@@ -75,19 +109,26 @@ class Recipe(Model):
     chat_template: Optional[str] = None
     name: Optional[str] = None
 
-    @field_validator("slices")
-    @classmethod
-    def _same_model(cls, v: list[SliceSpec]) -> list[SliceSpec]:
-        if not v:
+    @model_validator(mode="after")
+    def _one_stack_of_one_model(self) -> Recipe:
+        if (self.slices is None) == (self.modules is None):
+            raise ValueError("give slices (a text model's layer stack) or modules (a multimodal model's), one of them")
+        if not self.text_slices:
             raise ValueError("needs at least one slice")
-        models = {src.model for s in v for src in s.sources}
+        models = {src.model for s in self.text_slices for src in s.sources}
+        models |= self.modules.copied_models() if self.modules else set()
         if len(models) != 1:
             raise ValueError(f"all slices of a DUS recipe take the same model, got {sorted(models)}")
-        return v
+        return self
+
+    @property
+    def text_slices(self) -> list[SliceSpec]:
+        """The slices of the stack that grows: the recipe's, or its text_decoder module's."""
+        return self.slices if self.slices is not None else self.modules.text_decoder.slices  # type: ignore[union-attr]
 
     @model_validator(mode="after")
     def _means_need_dus_average(self) -> Recipe:
-        two = next((k for k, s in enumerate(self.slices) if len(s.sources) == 2), None)
+        two = next((k for k, s in enumerate(self.text_slices) if len(s.sources) == 2), None)
         if two is not None and self.merge_method != AVERAGE_METHOD:
             raise ValueError(f"slices[{two}] has two sources, a mean, which only merge_method {AVERAGE_METHOD} "
                              "(run by `dus upscale`) computes")
@@ -95,11 +136,11 @@ class Recipe(Model):
 
     @property
     def model(self) -> str:
-        return self.slices[0].sources[0].model
+        return self.text_slices[0].sources[0].model
 
     @property
     def layer_ranges(self) -> list[tuple[int, int]]:
-        return [s.sources[0].layer_range for s in self.slices]
+        return [s.sources[0].layer_range for s in self.text_slices]
 
     @property
     def layer_map(self) -> list[int]:
@@ -109,7 +150,7 @@ class Recipe(Model):
         """Output layer -> the base layer averaged into it, besides its source (method average)."""
         out: dict[int, int] = {}
         i = 0
-        for s in self.slices:
+        for s in self.text_slices:
             first = s.sources[0].layer_range
             for k in range(first[1] - first[0]):
                 if len(s.sources) == 2:
@@ -121,7 +162,7 @@ class Recipe(Model):
         """Output layer -> name filters whose tensors this recipe scales to 0 (identity method)."""
         out: dict[int, list[str]] = {}
         i = 0
-        for s in self.slices:
+        for s in self.text_slices:
             src = s.sources[0]
             filters = _zero_filters(src.parameters)
             for _ in range(*src.layer_range):
@@ -144,8 +185,9 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(first_error(e, where, "unknown key (misspelled?); DUS recipes accept merge_method, slices, "
-                                                "dtype, out_dtype, tokenizer_source, base_model, chat_template, name")) from None
+        raise RecipeError(first_error(e, where, "unknown key (misspelled?); DUS recipes accept merge_method, slices "
+                                                "(or modules), dtype, out_dtype, tokenizer_source, base_model, "
+                                                "chat_template, name")) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -198,8 +240,11 @@ def plan_slices(plan: DusPlan, method: str) -> list[PlannedSlice]:
 
 
 def build_recipe(model: str, plan: DusPlan, *, method: str = "solar", dtype: str | None = None,
-                 projections: tuple[str, ...] = OUTPUT_PROJECTIONS, tokenizer_source: bool = True) -> dict[str, Any]:
-    """The mergekit YAML document (as a dict) for ``plan`` on ``model``; method average needs dus's engine."""
+                 projections: tuple[str, ...] = OUTPUT_PROJECTIONS, tokenizer_source: bool = True,
+                 modules: dict[str, int] | None = None) -> dict[str, Any]:
+    """The mergekit YAML document (as a dict) for ``plan`` on ``model``; method average needs dus's engine.
+    ``modules`` (module -> layer count, a multimodal base that stock mergekit defines): the modular form, the text
+    stack under text_decoder and every other module copied whole."""
     slices = []
     for run in plan_slices(plan, method):
         src: dict[str, Any] = {"model": model, "layer_range": run.layers.as_list()}
@@ -210,6 +255,11 @@ def build_recipe(model: str, plan: DusPlan, *, method: str = "solar", dtype: str
             sources.append({"model": model, "layer_range": [run.layers.start + 1, run.layers.end + 1]})
         slices.append({"sources": sources})
     doc: dict[str, Any] = {"merge_method": AVERAGE_METHOD if method == "average" else "passthrough", "slices": slices}
+    if modules:
+        doc.pop("slices")
+        doc["modules"] = {name: {"slices": slices} if name == TEXT_MODULE else
+                          {"slices": [{"sources": [{"model": model, "layer_range": [0, count]}]}]}
+                          for name, count in modules.items()}
     if dtype:
         doc["dtype"] = dtype
     if tokenizer_source:

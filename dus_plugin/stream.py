@@ -75,7 +75,7 @@ class OutTensor:
 
 def streamable(recipe: Recipe) -> str | None:
     """None when the recipe is a pure passthrough this writer handles; else why it is not."""
-    for k, s in enumerate(recipe.slices):
+    for k, s in enumerate(recipe.text_slices):
         params = s.sources[0].parameters
         if not params:
             continue

@@ -131,6 +131,10 @@ VISION_SIZES: dict[str, Any] = dict(
     head_dim=16, image_size=28, patch_size=14, depth=2, embed_dim=32, num_heads=2, out_hidden_size=64,
     projection_dim=64,
 )
+# Vision settings where a family's released checkpoints differ from its config class's defaults
+VISION_OVERRIDES: dict[str, dict[str, Any]] = {
+    "gemma3": dict(vision_use_head=False),  # Gemma 3's SigLIP tower has no pooling head (its config.json says so)
+}
 TEXT_KEYS = ("text_config", "language_config", "llm_config")
 IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index", "boi_token_index", "eoi_token_index", "boi_token_id",
                     "eoi_token_id", "video_token_id", "video_token_index", "vision_start_token_id",
@@ -161,7 +165,8 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
     kw: dict[str, Any] = {text_key: text}
     if isinstance(defaults.get("vision_config"), dict):
         vision = defaults["vision_config"]
-        kw["vision_config"] = {**vision, **{k: v for k, v in VISION_SIZES.items() if k in vision}}
+        kw["vision_config"] = {**vision, **{k: v for k, v in VISION_SIZES.items() if k in vision},
+                               **VISION_OVERRIDES.get(model_type, {})}
     special = [k for k in IMAGE_TOKEN_KEYS if isinstance(defaults.get(k), int) and k != "image_seq_length"]
     kw.update({k: vocab - 1 - i for i, k in enumerate(special)})
     if "image_seq_length" in defaults:

@@ -204,7 +204,8 @@ def test_dus_run_chains_sft_dpo_and_merge_after_training(tmp_path, chat_files):
     assert config(out / "merged")["num_hidden_layers"] == 48
     again = dus_ok("run", tmp_path / "r.yml", "-q")
     assert again.output.count("from the same inputs, skipped") == 12, again.output
-    assert f"model:      {out / 'merged'}" in again.output
+    assert f"{'model:':<18}{out / 'merged'}" in again.output  # paths in one column after the longest name
+    assert f"loss curve (dpo): {out / 'dpo' / 'final' / 'loss_curve.png'}" in again.output
 
 
 def test_the_papers_instruct_recipe_validates_and_its_template_masks_the_answers():
@@ -247,3 +248,27 @@ def test_a_template_whose_turns_are_not_prefixes_is_refused(tmp_path):
     with pytest.raises(TrainConfigError, match="chat_template"):
         ChatTemplate(make_tokenizer(), str(odd)).encode([{"role": "user", "content": "a"},
                                                          {"role": "assistant", "content": "b"}], "row 1")
+
+
+def test_dpo_under_a_two_process_accelerate_launch_matches_one_process(tmp_path, chat_files):
+    """DPO as `accelerate launch -m dus_plugin.train` on 2 CPU ranks (gloo): each rank measures the reference of the
+    rows the run will see, and the run follows the one-process run with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    one = _config(tmp_path / "one", chat_files, "pairs", objective="dpo", max_steps=6, micro_batch_size=2,
+                  eval_on_start=False, log_every=1)
+    dus_ok("train", one, "-q")
+    two = _config(tmp_path / "two", chat_files, "pairs", objective="dpo", max_steps=6, micro_batch_size=2,
+                  eval_on_start=False, log_every=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    proc = subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
+                           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "-m", "dus_plugin.train", str(two), "-q"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _metrics(tmp_path / "one" / "run"), _metrics(tmp_path / "two" / "run")
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert all(abs(x["loss"] - y["loss"]) < 1e-4 for x, y in zip(a, b)), [(x["loss"], y["loss"]) for x, y in zip(a, b)]
+    assert json.loads((tmp_path / "two" / "run" / "train_summary.json").read_text())["processes"] == 2

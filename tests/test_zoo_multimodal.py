@@ -239,3 +239,91 @@ def test_training_a_grown_multimodal_model_trains_its_language_tower_only(tokeni
     assert moved and all(k.startswith(tower) or k.startswith("lm_head.") for k in moved), sorted(moved)[:3]
     assert any(".layers." in k for k in moved)
     assert (final / "preprocessor_config.json").is_file()
+
+
+# --- stock mergekit's modular form (issue 26) -------------------------------------------------------------------
+
+MODULAR = ("qwen2_5_vl", "qwen3_vl", "mistral3", "llama4", "gemma3")
+
+
+def _as_released(folder) -> None:
+    """Gemma 3 as its checkpoints on the Hub name the vision tower (`vision_tower.vision_model.`), which
+    transformers 5 reads and saves as `vision_tower.`; the renamed folder loads to the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    for f in folder.glob("*.safetensors"):
+        t = load_file(f)
+        save_file({"vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k: v
+                   for k, v in t.items()}, f, metadata={"format": "pt"})
+
+
+def _stock_mergekit(recipe, out):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    return subprocess.run([str(exe), str(recipe), str(out), "--quiet"], capture_output=True, text=True,
+                          env=dict(os.environ), timeout=300)
+
+
+@pytest.mark.parametrize("model_type", MODULAR)
+def test_stock_mergekit_runs_the_modular_recipe_to_the_same_tensors(model_type, tokenizer, tmp_path):
+    """Where stock mergekit defines the model in modules and its definition names exactly the checkpoint's tensors,
+    `dus plan` writes the modular form (text_decoder grows, the rest is copied whole): stock `mergekit-yaml` runs
+    it to dus upscale's tensors bit for bit, and `dus mergekit-yaml` to dus upscale's config too, where stock
+    mergekit leaves text_config's per-layer lists at the base's length."""
+    import yaml
+
+    from helpers import config, tensors
+
+    base = zoo.make_multimodal_model(model_type, tmp_path / "base", tokenizer)
+    if model_type == "gemma3":
+        _as_released(base)
+    said = dus_ok("plan", base, "--drop", 2, "-o", tmp_path / "r.yml").output
+    assert "mergekit's modular form" in said and "stock mergekit runs it" in said, said
+    doc = yaml.safe_load((tmp_path / "r.yml").read_text())
+    assert "slices" not in doc and "text_decoder" in doc["modules"] and len(doc["modules"]) >= 2
+    dus_ok("upscale", tmp_path / "r.yml", tmp_path / "dus", "-q")
+    proc = _stock_mergekit(tmp_path / "r.yml", tmp_path / "stock")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = tensors(tmp_path / "dus"), tensors(tmp_path / "stock")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    dus_ok("mergekit-yaml", tmp_path / "r.yml", tmp_path / "fixed", "--quiet")
+    assert config(tmp_path / "fixed")["text_config"] == config(tmp_path / "dus")["text_config"]
+    stock_types = config(tmp_path / "stock")["text_config"].get("layer_types")
+    if stock_types is not None:  # the bug `dus mergekit-yaml` exists for: 8 entries for 12 layers
+        assert len(stock_types) == 8 and config(tmp_path / "stock")["text_config"]["num_hidden_layers"] == 12
+
+
+@pytest.mark.parametrize("model_type,why", [
+    ("gemma3", "reads vision_tower.vision_model."),  # as transformers 5 saves it
+    ("qwen2_vl", "cannot count its layers"),  # mergekit 0.1.5 reads num_hidden_layers at the top of the config
+])
+def test_where_stock_mergekit_would_lose_tensors_the_plan_says_why(model_type, why, tokenizer, tmp_path):
+    import yaml
+
+    base = zoo.make_multimodal_model(model_type, tmp_path / "base", tokenizer)
+    said = dus_ok("plan", base, "--drop", 2, "-o", tmp_path / "r.yml").output
+    assert "only `dus upscale` runs this recipe" in said and why in said, said
+    assert "slices" in yaml.safe_load((tmp_path / "r.yml").read_text())
+
+
+def test_a_modular_recipe_that_would_grow_another_module_is_one_line():
+    from dus_plugin.errors import RecipeError
+    from dus_plugin.recipe import parse_recipe
+
+    text = {"slices": [{"sources": [{"model": "m", "layer_range": [0, 6]}]},
+                       {"sources": [{"model": "m", "layer_range": [2, 8]}]}]}
+    ok = parse_recipe({"merge_method": "passthrough", "modules": {
+        "text_decoder": text, "vision_tower": {"slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}]}}})
+    assert ok.layer_map == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 6, 7]
+    grown_vision = {"text_decoder": text, "vision_tower": text}
+    with pytest.raises(RecipeError, match="dus grows only text_decoder"):
+        parse_recipe({"merge_method": "passthrough", "modules": grown_vision})
+    with pytest.raises(RecipeError, match="one of them"):
+        parse_recipe({"merge_method": "passthrough", "modules": {"text_decoder": text}, **text})
+    with pytest.raises(RecipeError, match="same model"):
+        parse_recipe({"merge_method": "passthrough", "modules": {
+            "text_decoder": text, "vision_tower": {"slices": [{"sources": [{"model": "x", "layer_range": [0, 2]}]}]}}})

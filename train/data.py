@@ -202,24 +202,28 @@ class Mixture:
     def _permutation(self, s: int, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, s, epoch]).permutation(self.splits[s].n_train)
 
-    def sample(self, i: int) -> Any:
-        """Training row number i of the run (epochs of a source are reshuffled each time)."""
+    def locate(self, i: int) -> tuple[int, int]:
+        """(source, row) of training sample number i of the run (epochs of a source are reshuffled each time)."""
         s = int(self.source_of[i])
-        r = int(self.rank_in_source[i])
-        split = self.splits[s]
-        epoch, pos = divmod(r, split.n_train)
-        return split.row(int(self._permutation(s, epoch)[pos]))
+        epoch, pos = divmod(int(self.rank_in_source[i]), self.splits[s].n_train)
+        return s, int(self._permutation(s, epoch)[pos])
+
+    def sample(self, i: int) -> Any:
+        s, k = self.locate(i)
+        return self.splits[s].row(k)
 
     def batch(self, first: int, size: int) -> dict[str, Any]:
         return self.collate([self.sample(i) for i in range(first, first + size)])
 
-    def val_rows(self) -> list[Any]:
-        """Held-out rows, round-robin over sources, in a fixed order."""
-        per = [[sp.row(sp.n_train + k) for k in range(sp.n_val)] for sp in self.splits]
-        out: list[Any] = []
-        for k in range(max((len(p) for p in per), default=0)):
-            out.extend(p[k] for p in per if k < len(p))
+    def val_index(self) -> list[tuple[int, int]]:
+        """(source, row) of the held-out rows, round-robin over sources, in a fixed order."""
+        out: list[tuple[int, int]] = []
+        for k in range(max((sp.n_val for sp in self.splits), default=0)):
+            out.extend((s, sp.n_train + k) for s, sp in enumerate(self.splits) if k < sp.n_val)
         return out
+
+    def val_rows(self) -> list[Any]:
+        return [self.splits[s].row(k) for s, k in self.val_index()]
 
     def collate(self, rows: list[Any]) -> dict[str, Any]:
         raise NotImplementedError

@@ -189,8 +189,7 @@ class ChatData(Mixture):
     """Conversations packed into rows of at most seq_len tokens, the loss on the assistant's tokens only."""
 
     def __init__(self, cfg: DataConfig, template: ChatTemplate, seed: int, total_samples: int):
-        self.pad = template.tokenizer.pad_token_id if template.tokenizer.pad_token_id is not None \
-            else template.tokenizer.eos_token_id
+        self.pad = _pad_id(template.tokenizer)
         splits = [self._split(cfg, k, template) for k in range(len(cfg.sources))]
         super().__init__(splits, [src.weight for src in cfg.sources], seed, total_samples)
 
@@ -246,9 +245,7 @@ class PreferenceData(Mixture):
     answer than the reference model did, minus the same for the rejected one))."""
 
     def __init__(self, cfg: DataConfig, template: ChatTemplate, seed: int, total_samples: int, beta: float):
-        self.beta = beta
-        tok = template.tokenizer
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.beta, self.pad = beta, _pad_id(template.tokenizer)
         splits = [self._split(cfg, k, template) for k in range(len(cfg.sources))]
         super().__init__(splits, [src.weight for src in cfg.sources], seed, total_samples)
 
@@ -306,20 +303,23 @@ class PreferenceData(Mixture):
         ref = batch["reference"]
         return -F.logsigmoid(self.beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))).mean()
 
-    def measure_reference(self, model, device, micro: int) -> None:
-        """The model's log-probabilities of every pair's answers, before training changes it: DPO's reference,
-        kept as numbers so no second model stays in memory."""
+    def measure_reference(self, model, device, micro: int, rows: set[tuple[int, int]]) -> None:
+        """The model's log-probabilities of the answers of ``rows`` ((source, row) pairs: those the run will see),
+        before training changes it: DPO's reference, kept as numbers so no second model stays in memory."""
         import torch
+        from tqdm import tqdm
 
+        for split in self.splits:
+            split.reference = np.full((len(split.pairs), 2), np.nan)
+        todo = sorted(rows)
         model.eval()
         with torch.no_grad():
-            for split in self.splits:
-                out = []
-                for k in range(0, len(split.pairs), micro):
-                    batch = self.collate([split.row(j) for j in range(k, min(k + micro, len(split.pairs)))])
-                    chosen, rejected = self.answer_logps(model, {key: v.to(device) for key, v in batch.items()})
-                    out.append(torch.stack([chosen, rejected], dim=1).double().cpu().numpy())
-                split.reference = np.concatenate(out)
+            for k in tqdm(range(0, len(todo), micro), desc="DPO reference", unit="batch", disable=len(todo) <= 64):
+                chunk = todo[k:k + micro]
+                batch = self.collate([self.splits[s].row(r) for s, r in chunk])
+                chosen, rejected = self.answer_logps(model, {key: v.to(device) for key, v in batch.items()})
+                for (s, r), c, j in zip(chunk, chosen.tolist(), rejected.tolist()):
+                    self.splits[s].reference[r] = (c, j)
         model.train()
 
     def save_reference(self, path: Path) -> None:
@@ -342,6 +342,11 @@ class PreferenceData(Mixture):
         for split, ref in zip(self.splits, refs):
             split.reference = ref
         return True
+
+
+def _pad_id(tokenizer) -> int:
+    """What fills a batch's short rows (never attended to by real tokens, never in the loss)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _labels(ids: list[int], mask: list[bool], seq_len: int) -> np.ndarray:

@@ -280,8 +280,10 @@ def _dpo_reference(cfg: TrainConfig, model, data, accelerator, resume: bool) -> 
     path = Path(cfg.output_dir) / "dpo_reference.npz"
     if resume and data.load_reference(path):
         return
-    LOG.info("measuring the reference model's log-probabilities of every answer")
-    data.measure_reference(model, accelerator.device, cfg.micro_batch_size)
+    rows = {data.locate(i) for i in range(len(data.source_of))}  # only the pairs this run will train on
+    rows |= set(data.val_index()[:cfg.val_batches * cfg.micro_batch_size * accelerator.num_processes])
+    LOG.info("measuring the reference model's log-probabilities of %d pairs' answers", len(rows))
+    data.measure_reference(model, accelerator.device, cfg.micro_batch_size, rows)
     if accelerator.is_main_process:
         data.save_reference(path)
 
