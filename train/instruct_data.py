@@ -303,7 +303,7 @@ class PreferenceData(Mixture):
         ref = batch["reference"]
         return -F.logsigmoid(self.beta * ((chosen - ref[:, 0]) - (rejected - ref[:, 1]))).mean()
 
-    def measure_reference(self, model, device, micro: int, rows: set[tuple[int, int]]) -> None:
+    def measure_reference(self, model, device, micro: int, rows: set[tuple[int, int]], progress: bool = False) -> None:
         """The model's log-probabilities of the answers of ``rows`` ((source, row) pairs: those the run will see),
         before training changes it: DPO's reference, kept as numbers so no second model stays in memory."""
         import torch
@@ -314,7 +314,7 @@ class PreferenceData(Mixture):
         todo = sorted(rows)
         model.eval()
         with torch.no_grad():
-            for k in tqdm(range(0, len(todo), micro), desc="DPO reference", unit="batch", disable=len(todo) <= 64):
+            for k in tqdm(range(0, len(todo), micro), desc="DPO reference", unit="batch", disable=not progress):
                 chunk = todo[k:k + micro]
                 batch = self.collate([self.splits[s].row(r) for s, r in chunk])
                 chosen, rejected = self.answer_logps(model, {key: v.to(device) for key, v in batch.items()})

@@ -240,7 +240,7 @@ def setup(cfg: TrainConfig, accelerator, checkpoints: CheckpointManager, resume:
     accelerator.register_for_checkpointing(sched)
     start, tokens = checkpoints.resume() if resume else (0, 0)
     if cfg.objective == "dpo":
-        _dpo_reference(cfg, model, data, accelerator, resume)
+        _dpo_reference(cfg, model, data, accelerator, resume, progress=accelerator.is_main_process and not quiet)
     run = Run(cfg, accelerator, checkpoints, model, tokenizer, data, opt, sched,
               MetricsLog(Path(cfg.output_dir), accelerator.is_main_process, cfg.tensorboard, resume_step=start),
               _eval_hook(cfg), round(need.total / 1e9, 2), start, tokens)
@@ -274,7 +274,7 @@ def _make_data(cfg: TrainConfig, tokenizer, show_progress: bool) -> Mixture:
     return PreferenceData(cfg.data, template, cfg.seed, samples, cfg.dpo.beta)
 
 
-def _dpo_reference(cfg: TrainConfig, model, data, accelerator, resume: bool) -> None:
+def _dpo_reference(cfg: TrainConfig, model, data, accelerator, resume: bool, progress: bool) -> None:
     """DPO's reference log-probabilities: measured with the model as it starts, before any step, and kept in the
     output folder, so a resumed run compares with the same reference."""
     path = Path(cfg.output_dir) / "dpo_reference.npz"
@@ -283,7 +283,7 @@ def _dpo_reference(cfg: TrainConfig, model, data, accelerator, resume: bool) -> 
     rows = {data.locate(i) for i in range(len(data.source_of))}  # only the pairs this run will train on
     rows |= set(data.val_index()[:cfg.val_batches * cfg.micro_batch_size * accelerator.num_processes])
     LOG.info("measuring the reference model's log-probabilities of %d pairs' answers", len(rows))
-    data.measure_reference(model, accelerator.device, cfg.micro_batch_size, rows)
+    data.measure_reference(model, accelerator.device, cfg.micro_batch_size, rows, progress)
     if accelerator.is_main_process:
         data.save_reference(path)
 
