@@ -60,7 +60,7 @@ def ctrl_c_after_checkpoint(args: list[str], checkpoints: Path, wait_s: float = 
     # stderr goes to a file: a pipe that nobody reads while we wait fills and stalls the child
     with tempfile.TemporaryFile("w+") as err_file:
         proc = subprocess.Popen([sys.executable, "-m", "dus_plugin.cli", *args], stdout=subprocess.DEVNULL,
-                                stderr=err_file, text=True, start_new_session=True,
+                                stderr=err_file, text=True, start_new_session=True, preexec_fn=_sigint_default,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.time() + wait_s
         while not list(checkpoints.glob("step-*")) and proc.poll() is None and time.time() < deadline:
@@ -79,6 +79,14 @@ def ctrl_c_after_checkpoint(args: list[str], checkpoints: Path, wait_s: float = 
     return [line for line in err.splitlines() if line.strip()]
 
 
+def _sigint_default() -> None:
+    """In the child: SIGINT as a terminal delivers it. A test run started in the background of a non-interactive
+    shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _process_state(pid: int) -> str:
     """What a stuck process is doing (Linux /proc), for the failure message."""
     try:
@@ -87,6 +95,6 @@ def _process_state(pid: int) -> str:
         tasks = sorted(p.name for p in Path(f"/proc/{pid}/task").iterdir())
     except OSError as e:
         return f"unreadable ({e})"
-    keep = [line for line in status if line.split(":")[0] in ("State", "Threads", "SigPnd", "ShdPnd", "SigBlk",
-                                                               "SigCgt")]
+    fields = ("State", "Threads", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+    keep = [line for line in status if line.split(":")[0] in fields]
     return f"{'; '.join(keep)}; wchan={wchan}; tasks={tasks}"
