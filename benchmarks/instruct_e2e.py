@@ -9,7 +9,7 @@ Two sizes, one chain:
   the study's best identity arm (20M tokens), then SFT and DPO on rows built from the corpus's documents. Two
   tasks: "continue this passage" (the true continuation is the answer; DPO prefers it over another document's) and
   "which documentation is this from" (Python or Linux; DPO prefers the right name). Held-out rows come from the
-  held-out documents only, and perplexity is also measured on git's documentation, which no stage trains on.
+  held-out documents only; perplexity pools held-out python, linux and git text (git: no stage trains on it).
 
     python benchmarks/instruct_e2e.py --out /tmp/ie2e [--steps 20]                         # CPU
     python benchmarks/instruct_e2e.py --out /tmp/ie2e --corpus /tmp/real_corpus --base DIR   # GPU
@@ -136,11 +136,12 @@ def build_corpus_data(corpus: Path, out: Path) -> dict:
     rng.shuffle(sft)
     rng.shuffle(dpo)
     out.mkdir(parents=True, exist_ok=True)
-    for d in ("python", "linux", "git"):  # perplexity per domain; git is never trained on
+    for d in ("python", "linux", "git"):  # held-out text for `dus run`'s perplexity (pooled); git is never trained on
         text = (corpus / f"heldout_{d}.txt").read_text(encoding="utf-8")[:400_000]
         (out / f"heldout_text_{d}.txt").write_text(text, encoding="utf-8")
-    return save(out, {"sft_train": sft, "dpo_train": dpo, "heldout_chat_continue": hc_chat,
-                      "heldout_pairs_continue": hc_pairs, "heldout_chat_which": hw_chat, "heldout_pairs_which": hw_pairs})
+    return save(out, {"sft_train": sft, "dpo_train": dpo,
+                      "heldout_chat_continue": hc_chat, "heldout_pairs_continue": hc_pairs,
+                      "heldout_chat_which": hw_chat, "heldout_pairs_which": hw_pairs})
 
 
 def recipe(base: Path, out: Path, data: dict, steps: int) -> dict:
@@ -192,9 +193,10 @@ def gpu_recipe(base: Path, out: Path, corpus: Path, data: dict) -> dict:
     }
 
 
-def heldout_metrics(model_dir: Path, template_dir: Path, chat: list[dict], pairs: list[dict]) -> dict:
-    """Measured with plain transformers and the instruct model's chat template: mean loss per answer token on the
-    held-out chat rows, and on the held-out pairs how often (and by how much) the true continuation is preferred."""
+def heldout_metrics(model_dir: Path, template_dir: Path, tasks: dict[str, tuple[list[dict], list[dict]]]) -> dict:
+    """Per task (its held-out chat rows and pairs), measured with plain transformers and the instruct model's chat
+    template, the model loaded once: mean loss per answer token on the chat rows, and on the pairs how often (and by
+    how much) the chosen answer is preferred."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,13 +214,16 @@ def heldout_metrics(model_dir: Path, template_dir: Path, chat: list[dict], pairs
             logp = model(ids).logits[0, :-1].float().log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
         return float(logp[n_head - 1:].sum()), ids.shape[1] - n_head
 
-    total, count = 0.0, 0
-    for row in chat:
-        lp, n = answer_logp(row["prompt"], row["completion"])
-        total, count = total - lp, count + n
-    margins = [answer_logp(p["prompt"], p["chosen"])[0] - answer_logp(p["prompt"], p["rejected"])[0] for p in pairs]
-    return {"answer_loss": total / count, "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "mean_margin": sum(margins) / len(margins)}
+    def one_task(chat: list[dict], pairs: list[dict]) -> dict:
+        total, count = 0.0, 0
+        for row in chat:
+            lp, n = answer_logp(row["prompt"], row["completion"])
+            total, count = total - lp, count + n
+        margins = [answer_logp(p["prompt"], p["chosen"])[0] - answer_logp(p["prompt"], p["rejected"])[0] for p in pairs]
+        return {"answer_loss": total / count, "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+                "mean_margin": sum(margins) / len(margins)}
+
+    return {task: one_task(chat, pairs) for task, (chat, pairs) in tasks.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,14 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "recipe.yml").write_text(yaml.safe_dump(rec, sort_keys=False))
     result = run(args.out / "recipe.yml", quiet=True, echo=lambda line: print(line, flush=True))
     load = lambda name: [json.loads(x) for x in Path(data[name]["path"]).read_text().splitlines()][:scored]
-    tasks = [name.removeprefix("heldout_chat_") for name in data if name.startswith("heldout_chat_")]
+    tasks = {name.removeprefix("heldout_chat_"): (load(name), load(name.replace("_chat_", "_pairs_")))
+             for name in data if name.startswith("heldout_chat_")}
     run_dir = args.out / "run"
     models = {"base": base, "upscaled": run_dir / "upscaled", "trained": run_dir / "train" / "final",
               "sft": run_dir / "sft" / "final", "dpo": run_dir / "dpo" / "final", "merged": run_dir / "merged"}
     metrics = {}
     for name, folder in models.items():
-        metrics[name] = {task: heldout_metrics(folder, base, load(f"heldout_chat_{task}"), load(f"heldout_pairs_{task}"))
-                         for task in tasks}
+        metrics[name] = heldout_metrics(folder, base, tasks)
         print(name, metrics[name], flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'})"
     report = {"device": device, "date": dt.date.today().isoformat(), "base": "HuggingFaceTB/SmolLM2-135M-Instruct "
