@@ -32,7 +32,9 @@ convert(Path('$ST/gguf/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('$ST/smollm2-135m
 
 detach() {  # LOG CMD...: run detached from /tmp (not the repo root: `python3 -m` must find the shim)
   local log=$1; shift
-  (cd /tmp && setsid nohup "$@" > "$log" 2>&1 < /dev/null & echo $! > /tmp/job.pid)
+  # the job writes its own pid: setsid forks when it leads a process group, so $! can name a process already gone
+  (cd /tmp && setsid nohup bash -c 'echo $$ > /tmp/job.pid; exec "$@"' _ "$@" > "$log" 2>&1 < /dev/null &)
+  sleep 1
 }
 running() { kill -0 "$(cat /tmp/job.pid 2>/dev/null)" 2>/dev/null; }
 follow() {  # SECONDS: wait for the detached job at most this long, then collect (the caller defines collect)

@@ -5,7 +5,13 @@ random bf16 weights), seq 4096, 4 sequences per step, every row side by side in 
 - before: the 1-GPU recipe as shipped until 2026-12-03 (every layer checkpointed, no compile, no fused projections);
 - shipped: configs/cpt_solar_1gpu.yml as it ships now (activation_checkpointing, compile, fused_projections: auto);
 - limit80: the same with memory_limit_gb: 80 (the limit is enforced on the GPU, so an 80 GB card is emulated);
-- fp8: the same with precision fp8 (float32 master weights, as fp8 needs) and adamw8bit, auto checkpointing.
+- fp8: the same with precision fp8 (float32 master weights, as fp8 needs) and adamw8bit, auto checkpointing;
+- shipped_sdpa: the shipped recipe with attention_backend: sdpa (what auto chose before flex, 2026-12-04);
+- shipped_ga16: 16 sequences per step, so the optimizer step is spread over 4x the tokens.
+
+The shipped data settings stay (document_mask: true; the corpus has ~2,500-token documents, so a 4,096-token row
+holds parts of two or three), so attention is masked per document as in a user's run. Rows from before 2026-12-04
+ran without the mask (their `document_mask` is false).
 
 Only the model, data, run length and output folder of the shipped config are replaced (and seam.focus: none, so
 every row measures the steady state). MFU = tokens/s x (6N + 12 L h seq) / 989 TFLOP/s (H100/H200 dense BF16).
@@ -34,12 +40,16 @@ from solar_scale import MISTRAL_7B, SMALL, Bench, corpus, make_base  # noqa: E40
 
 PEAK_BF16 = 989e12
 SEQ, GLOBAL, STEPS, LOG_EVERY = 4096, 4, 12, 4
+PROFILE = {"profile": {"start": 5, "steps": 2}}  # steps 5-6: after compile's warm-up, before the timed window
 ROWS = {
     "anchor": None,
     "before": {"activation_checkpointing": "full", "compile": False, "fused_projections": False},
-    "shipped": {},
+    "shipped": PROFILE,
+    "shipped_sdpa": {"attention_backend": "sdpa", **PROFILE},
+    "shipped_nomask": {"data": {"document_mask": False}},
     "limit80": {"memory_limit_gb": 80},
     "fp8": {"precision": "fp8", "master_weights": "fp32"},
+    "shipped_ga16": {"global_batch_size": 16, "max_steps": 6},
 }
 
 
@@ -63,9 +73,12 @@ def train_config(work: Path, model: Path, name: str, over: dict, small: bool) ->
     cfg.pop("max_tokens", None)
     cfg.update(model=str(model), output_dir=str(work / name), max_steps=STEPS, global_batch_size=GLOBAL,
                log_every=LOG_EVERY, eval_every=0, eval_on_start=False, val_batches=1, save_every=0, save_final=False,
-               export=False, tensorboard=False, **over)
+               export=False, tensorboard=False)
+    cfg.update(over)
+    # the shipped data settings stay (document_mask: true), so attention runs as users' runs do
     cfg["data"] = {"sources": [{"path": str(corpus(Bench(work, None, small)))}], "seq_len": 256 if small else SEQ,
-                   "val_fraction": 0.01, "cache_dir": str(work / "token_cache")}
+                   "val_fraction": 0.01, "cache_dir": str(work / "token_cache"),
+                   "document_mask": cfg["data"].get("document_mask", False)}
     cfg["seam"] = {"focus": "none"}
     path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
@@ -83,7 +96,14 @@ def run_dus(work: Path, model: Path, name: str, over: dict, small: bool) -> dict
     if proc.returncode:
         return {"ok": False, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:400], "said": said}
     summary = json.loads((work / name / "train_summary.json").read_text())
-    return {"ok": summary["steps"] == STEPS, "seconds": round(time.perf_counter() - t0, 1), "settings":
+    import yaml
+
+    masked = yaml.safe_load(cfg.read_text())["data"]["document_mask"]
+    profile = work / name / "profile.json"
+    return {"ok": summary["steps"] == over.get("max_steps", STEPS), "document_mask": masked,
+            "profile": json.loads(profile.read_text()) if profile.is_file() else None,
+            "losses": [r["loss"] for r in map(json.loads, (work / name / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in r], "seconds": round(time.perf_counter() - t0, 1), "settings":
             {**summary["settings"], **{k: v for k, v in over.items() if k not in summary["settings"]}},
             "tok_s": summary["tokens_per_second"], "peak_gb": summary["peak_gpu_gb"],
             "estimate_gb": summary["estimate_gb"], "said": said}
@@ -149,11 +169,19 @@ def summarize(state: dict) -> dict:
         rates = [r["tok_s"] for r in rows.values() if r.get("ok") and r.get("tok_s") and pred(r)]
         return max(rates) if rates else None
 
-    fp8 = best(lambda r: r["settings"].get("precision") == "fp8")
-    bf16 = best(lambda r: r["settings"].get("precision") != "fp8")
+    # fp8 against bf16 only where attention ran alike (the same document mask and attention kernel)
+    kinds = {(r.get("document_mask"), r["settings"].get("attention_backend")) for r in rows.values()
+             if r.get("ok") and r["settings"].get("precision") == "fp8"}
+    pairs = []
+    for kind in kinds:
+        alike = lambda r, k=kind: (r.get("document_mask"), r["settings"].get("attention_backend")) == k  # noqa: E731
+        fp8 = best(lambda r: alike(r) and r["settings"].get("precision") == "fp8")
+        bf16 = best(lambda r: alike(r) and r["settings"].get("precision") != "fp8")
+        if fp8 and bf16:
+            pairs.append((round(fp8 / bf16, 3), f"document_mask {kind[0]}, attention {kind[1]}"))
+    top = max(pairs, default=(None, None))
     state.update(anchor_mfu=rows.get("anchor", {}).get("mfu"), shipped_mfu=rows.get("shipped", {}).get("mfu"),
-                 limit80_mfu=rows.get("limit80", {}).get("mfu"),
-                 fp8_speedup=round(fp8 / bf16, 3) if fp8 and bf16 else None)
+                 limit80_mfu=rows.get("limit80", {}).get("mfu"), fp8_speedup=top[0], fp8_compared=top[1])
     return state
 
 

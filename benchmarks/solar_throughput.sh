@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool, carrying .carry3: pydantic's four wheels and torchao 0.18.0 for Python 3.12, see
-# BENCHMARKS.md): install the wheels once, put the package together as it installs, then run or resume.
-#   bash benchmarks/solar_throughput.sh --work /tmp/sthr --out $OUT/solar_throughput.json [--rows shipped,limit80]
+# benchmarks/solar_throughput.py on a GPU machine without network (device tool), carrying .carry3 (pydantic's four
+# wheels and torchao 0.18.0 for Python 3.12, see BENCHMARKS.md). The run is detached, so it goes on between calls
+# made back to back on one warm machine; each call copies the state so far to $OUT/solar_throughput.json:
+#   WAIT=480 bash benchmarks/solar_throughput.sh start [--rows shipped,limit80] [--redo]
+#   bash benchmarks/solar_throughput.sh wait SECONDS
 set -u
-[ -d /tmp/site/pydantic ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry3/*.whl
-rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r dus_plugin /tmp/shim/ \
-  && cp -r train /tmp/shim/dus_plugin/train && cp -r eval /tmp/shim/dus_plugin/eval
-# a run continues from the rows recorded so far (they travel with the tree)
-mkdir -p /tmp/sthr && [ -f benchmarks/results/solar_throughput.json ] && [ ! -f /tmp/sthr/state.json ] \
-  && cp benchmarks/results/solar_throughput.json /tmp/sthr/state.json
-export PYTHONPATH=/tmp/shim:/tmp/site OMP_NUM_THREADS=8 TRANSFORMERS_VERBOSITY=error
-python3 benchmarks/solar_throughput.py "$@" 2>&1 | grep -v -e "^W12" -e "Failed to load"
+source "$(dirname "$0")/gpu_carry.sh"
+export OMP_NUM_THREADS=8 TRANSFORMERS_VERBOSITY=error
+collect() {
+  cp /tmp/sthr/state.json "$OUT/solar_throughput.json" 2>/dev/null
+  grep -v -e "^W12" -e "Failed to load" /tmp/sthr.log | tail -c 20000 > "$OUT/sthr.log" 2>/dev/null
+  tail -c 3000 "$OUT/sthr.log"
+}
+case $1 in
+  start)
+    shift
+    [ -d /tmp/site/pydantic ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry3/*.whl
+    rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r dus_plugin /tmp/shim/ \
+      && cp -r train /tmp/shim/dus_plugin/train && cp -r eval /tmp/shim/dus_plugin/eval
+    # a run continues from the rows recorded so far (they travel with the tree)
+    mkdir -p /tmp/sthr && [ -f benchmarks/results/solar_throughput.json ] && [ ! -f /tmp/sthr/state.json ] \
+      && cp benchmarks/results/solar_throughput.json /tmp/sthr/state.json
+    detach /tmp/sthr.log python3 "$PWD/benchmarks/solar_throughput.py" --work /tmp/sthr "$@"
+    follow "${WAIT:-60}" ;;
+  wait) follow "$2" ;;
+esac

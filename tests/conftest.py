@@ -14,6 +14,9 @@ os.environ.update(HF_HOME=tempfile.mkdtemp(prefix="dus-hf-home-"), HF_HUB_OFFLIN
                   # torchao's optimizer step is compiled: a cache of this run only, never a stale one
                   TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="dus-inductor-"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: two workers on two cores must not spin on each other
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import pytest  # noqa: E402
 
 from dus_plugin.fixtures import FAMILIES, make_tiny_model  # noqa: E402

@@ -11,6 +11,16 @@ from click.testing import CliRunner, Result
 from dus_plugin.cli import main
 
 
+def free_port() -> str:
+    """A TCP port nothing listens on now: each `accelerate launch` of the suite gets its own, since tests run in
+    parallel (pytest-xdist) and two launches on accelerate's default 29500 would meet."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def dus(*args: str) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from dus_plugin.fixtures import make_tiny_model, make_tokenizer, tiny_corpus
-from helpers import assert_one_line_error, dus, dus_ok, tensors
+from helpers import assert_one_line_error, dus, dus_ok, free_port, tensors
 
 TEMPLATE = Path(__file__).parent / "data" / "chatml_tiny.jinja"
 
@@ -265,7 +265,8 @@ def test_dpo_under_a_two_process_accelerate_launch_matches_one_process(tmp_path,
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     proc = subprocess.run([str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
                            "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                           "--dynamo_backend", "no", "-m", "dus_plugin.train", str(two), "-q"],
+                           "--main_process_port", free_port(), "--dynamo_backend", "no", "-m", "dus_plugin.train",
+                           str(two), "-q"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _metrics(tmp_path / "one" / "run"), _metrics(tmp_path / "two" / "run")

@@ -12,6 +12,7 @@ from dus_plugin.cli import main
 from dus_plugin.pipeline import PKG
 
 from conftest import REPO
+from helpers import free_port
 
 
 def test_quickstart_assets_ship_with_the_package():
@@ -118,7 +119,7 @@ def test_dus_run_trains_under_a_two_process_accelerate_launch(tmp_path, monkeypa
     recipe = yaml.safe_load((REPO / "configs" / "quickstart.yml").read_text())
     recipe.update(output_dir=str(tmp_path / "qs"), launch={
         "num_processes": 2, "args": ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                                     "--dynamo_backend", "no"]})
+                                     "--dynamo_backend", "no", "--main_process_port", free_port()]})
     recipe["train"].update(max_steps=4, global_batch_size=16, micro_batch_size=8, eval_every=2, log_every=1)
     (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
     capfd.readouterr()

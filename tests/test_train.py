@@ -21,7 +21,7 @@ from dus_plugin.train.loop import TrainingDiverged, train
 from dus_plugin.upscale import UpscaleOptions, upscale
 
 from conftest import REPO
-from helpers import tensors
+from helpers import free_port, tensors
 
 CORPUS = REPO / "data" / "tiny_corpus.txt"
 
@@ -253,7 +253,8 @@ def test_two_process_accelerate_launch(tmp_path, tiny_dus):
     exe = Path(sys.executable).with_name("accelerate")
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     proc = subprocess.run([str(exe), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dus_plugin.train",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
+                           "-m", "dus_plugin.train",
                            str(cfg), "-q"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())

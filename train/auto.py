@@ -16,6 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dus_plugin.errors import TrainConfigError
 from dus_plugin.train import memory
 from dus_plugin.train.config import TrainConfig, check_model_folder
 
@@ -74,7 +75,22 @@ def _kernels(cfg: TrainConfig, device_type: str, choices: list[str]) -> TrainCon
         update["fused_projections"] = fuse
         why = "no CUDA GPU" if not gpu else f"{family} {'is' if fuse else 'is not'} one of {', '.join(SUPPORTED)}"
         choices.append(f"fused_projections: {_yes(fuse)} (auto: {why})")
+    update["attention_backend"] = _attention(cfg, gpu, choices)
     return cfg.model_copy(update=update)
+
+
+def _attention(cfg: TrainConfig, gpu: bool, choices: list[str]) -> str:
+    if cfg.attention_backend == "flex" and not gpu:
+        raise TrainConfigError("attention_backend: flex needs a CUDA GPU (FlexAttention has no backward on a CPU); "
+                               "set attention_backend: auto or sdpa")
+    if cfg.attention_backend != "auto":
+        return cfg.attention_backend
+    # with a document mask SDPA gets a dense mask and leaves its flash kernel; flex skips the hidden blocks
+    flex = gpu and cfg.objective == "lm" and cfg.data.document_mask
+    why = ("data.document_mask on a CUDA GPU" if flex else "no document mask" if gpu and not cfg.data.document_mask
+           else "no CUDA GPU" if not gpu else f"objective {cfg.objective}")
+    choices.append(f"attention_backend: {'flex' if flex else 'sdpa'} (auto: {why})")
+    return "flex" if flex else "sdpa"
 
 
 def _checkpointing(cfg: TrainConfig, shape: memory.ModelShape, processes: int, distributed_type: str,

@@ -161,8 +161,10 @@ class TrainConfig(Strict):
     compile_scope: Literal["layers", "model"] = "layers"
     """With compile: each decoder layer on its own (masks stay eager, so unpadded attention runs SDPA's causal
     kernel; one compile serves the whole stack), or the whole model as one graph."""
-    attention_backend: Literal["auto", "flash", "cudnn", "efficient"] = "auto"
-    """Which of PyTorch's SDPA kernels attention uses on a GPU [auto: PyTorch's choice, cuDNN on H100]."""
+    attention_backend: Literal["auto", "sdpa", "flash", "cudnn", "efficient", "flex"] = "auto"
+    """Which attention kernel trains: sdpa (PyTorch's choice of its SDPA kernels), one SDPA kernel by name, or
+    flex (torch's FlexAttention, which skips the blocks a document mask hides; CUDA only) [auto: flex on a CUDA
+    GPU when data.document_mask is on, else sdpa]."""
     fused_projections: Optional[bool] = None
     """Train with q|k|v and gate|up fused into single GEMMs (Llama, Mistral, Qwen2/3); export is unfused
     [default, auto: on a CUDA GPU for those families, yes; elsewhere, no]."""

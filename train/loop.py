@@ -81,7 +81,7 @@ def _load_model(cfg: TrainConfig, accelerator):
     arch = Architecture.from_folder(cfg.model)
     frozen_bf16 = memory.frozen_in_file_dtype(cfg)
     dtype = torch.bfloat16 if cfg.master_weights == "bf16" or frozen_bf16 else torch.float32
-    model = arch.model_class.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
+    model = arch.model_class.from_pretrained(cfg.model, dtype=dtype, attn_implementation=attention_kind(cfg))
     model.config.use_cache = False
     trainable = freeze(model, cfg.train_only, read_layout(cfg.model), arch)
 
@@ -391,7 +391,7 @@ def finish(run: Run, end: int) -> TrainResult:
                          tokens_per_second=run.rate, processes=accelerator.num_processes,
                          distributed_type=str(accelerator.distributed_type.value), estimate_gb=run.estimate_gb,
                          peak_gpu_gb=_peak_gpu_gb(accelerator),
-                         settings=run.cfg.model_dump(include={"activation_checkpointing", "compile", "fused_projections"}))
+                         settings=run.cfg.model_dump(include=RESOLVED_SETTINGS))
     if accelerator.is_main_process:
         plot_loss(run.metrics.rows(), out / "loss_curve.png")
     if run.cfg.export and end == run.cfg.total_steps():
@@ -402,11 +402,20 @@ def finish(run: Run, end: int) -> TrainResult:
     return result
 
 
+def attention_kind(cfg: TrainConfig) -> str:
+    """The transformers attention implementation the trained model loads with."""
+    return "flex_attention" if cfg.attention_backend == "flex" else "sdpa"
+
+
+RESOLVED_SETTINGS = {"activation_checkpointing", "compile", "fused_projections", "attention_backend"}
+"""The settings ``auto`` decides on the machine; ``train_summary.json`` records what they became."""
+
+
 def _attention_backend(name: str) -> None:
     """Leave only the chosen SDPA kernel enabled (process-wide, as torch.compile reads these flags when it traces)."""
     import torch
 
-    if name == "auto":
+    if name in ("auto", "sdpa", "flex"):
         return
     torch.backends.cuda.enable_flash_sdp(name == "flash")
     torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
@@ -511,7 +520,7 @@ def baseline_loss(cfg: TrainConfig, data: Mixture, accelerator) -> float | None:
 
     dtype = torch.bfloat16 if cfg.bf16_compute else torch.float32
     model = Architecture.from_folder(cfg.baseline_model).model_class.from_pretrained(
-        cfg.baseline_model, dtype=dtype, attn_implementation="sdpa")
+        cfg.baseline_model, dtype=dtype, attn_implementation=attention_kind(cfg))
     model.config.use_cache = False  # as the trained model: with a cache, transformers ignores the document mask
     model.to(accelerator.device)
     loss = validation_loss(cfg, model, data, accelerator)
