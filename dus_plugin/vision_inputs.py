@@ -24,12 +24,22 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
         try:
             with torch.no_grad():
                 count = _feature_count(model.get_image_features(**image))
-                inputs = {"input_ids": torch.tensor([[5, 6] + [token] * count + [7, 8, 9]]), **image}
+                ids = torch.tensor([[5, 6] + [token] * count + [7, 8, 9]])
+                inputs = {"input_ids": ids, **image, **_token_types(model, ids, token)}
                 model(**inputs, use_cache=False)
             return inputs
         except Exception:  # this family takes its image in another shape: try the next one
             continue
     return None
+
+
+def _token_types(model: Any, ids: Any, token: int) -> dict[str, Any]:
+    """Families with multimodal rotary positions (Qwen3-VL, GLM-4V, ...) take which tokens are image tokens too."""
+    import inspect
+
+    if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"mm_token_type_ids": (ids == token).long()}
 
 
 def _image_shapes(vision: Any) -> Iterator[dict[str, Any]]:

@@ -135,6 +135,15 @@ VISION_SIZES: dict[str, Any] = dict(
 VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma3": dict(vision_use_head=False),  # Gemma 3's SigLIP tower has no pooling head (its config.json says so)
 }
+# Settings that equal the text model's width in a family's released checkpoints; the config classes' defaults keep
+# the released width, which a tiny text model does not have
+WIDTH_KEYS: dict[str, tuple[str, ...]] = {
+    "paligemma": ("hidden_size", "projection_dim", "vision_config.projection_dim"),
+    "ovis2": ("hidden_size",),
+    "qwen2_vl": ("vision_config.hidden_size",),  # the patch merger's output, fed to the text model
+}
+# Gemma 3 pools each image to mm_tokens_per_image (256 of 64 x 64 patches); the tiny tower has 2 x 2 patches
+TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4)}
 TEXT_KEYS = ("text_config", "language_config", "llm_config")
 IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index", "boi_token_index", "eoi_token_index", "boi_token_id",
                     "eoi_token_id", "video_token_id", "video_token_index", "vision_start_token_id",
@@ -167,6 +176,10 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
         vision = defaults["vision_config"]
         kw["vision_config"] = {**vision, **{k: v for k, v in VISION_SIZES.items() if k in vision},
                                **VISION_OVERRIDES.get(model_type, {})}
+    for key in WIDTH_KEYS.get(model_type, ()):
+        *parent, leaf = key.split(".")
+        (kw[parent[0]] if parent else kw)[leaf] = text["hidden_size"]
+    kw.update(TOP_OVERRIDES.get(model_type, {}))
     special = [k for k in IMAGE_TOKEN_KEYS if isinstance(defaults.get(k), int) and k != "image_seq_length"]
     kw.update({k: vocab - 1 - i for i, k in enumerate(special)})
     if "image_seq_length" in defaults:

@@ -35,9 +35,11 @@ FAMILIES = (
 
 # Families whose image inputs dus_plugin.vision_inputs builds from the model alone: their identity check has an
 # image in the prompt (the others are checked with text; README says which)
-WITH_IMAGE = ("aya_vision", "cohere2_vision", "exaone4_5", "got_ocr2", "hyperclovax_vision_v2", "idefics2", "idefics3",
-              "internvl", "lighton_ocr", "llava", "minimax_m3_vl", "pp_chart2table", "qianfan_ocr", "qwen2_5_vl",
-              "smolvlm", "step3p7", "video_llava")
+WITH_IMAGE = ("aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_omni", "exaone4_5", "gemma3", "glm46v",
+              "glm4v", "glm_ocr", "glmga", "got_ocr2", "hyperclovax_vision_v2", "idefics2", "idefics3", "internvl",
+              "lighton_ocr", "llava", "minimax_m3_vl", "ovis2", "paligemma", "pp_chart2table", "qianfan_ocr",
+              "qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen4_exp", "smolvlm",
+              "step3p7", "video_llava")
 
 
 @pytest.fixture(scope="module")
