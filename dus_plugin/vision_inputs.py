@@ -20,7 +20,7 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
     token = next((getattr(model.config, k) for k in TOKEN_KEYS if isinstance(getattr(model.config, k, None), int)), None)
     if token is None or not hasattr(model, "get_image_features") or getattr(model.config, "vision_config", None) is None:
         return None
-    for image in _image_shapes(model.config.vision_config):
+    for image in _image_shapes(model.config):
         try:
             with torch.no_grad():
                 count = _feature_count(model.get_image_features(**image))
@@ -42,9 +42,10 @@ def _token_types(model: Any, ids: Any, token: int) -> dict[str, Any]:
     return {"mm_token_type_ids": (ids == token).long()}
 
 
-def _image_shapes(vision: Any) -> Iterator[dict[str, Any]]:
+def _image_shapes(config: Any) -> Iterator[dict[str, Any]]:
     import torch
 
+    vision = config.vision_config
     size = getattr(vision, "image_size", 28)
     size = size[0] if isinstance(size, (list, tuple)) else size if isinstance(size, int) else 28
     channels = getattr(vision, "num_channels", None) or 3
@@ -52,6 +53,12 @@ def _image_shapes(vision: Any) -> Iterator[dict[str, Any]]:
     yield {"pixel_values": pixels}
     yield {"pixel_values": pixels, "image_sizes": torch.tensor([[size, size]])}
     yield {"pixel_values": pixels.unsqueeze(1)}
+    if getattr(config, "image_grid_pinpoints", None):  # LLaVA-NeXT: the tiles of the best grid, and a thumbnail
+        from transformers.image_processing_utils import select_best_resolution
+
+        height, width = select_best_resolution((size, size), config.image_grid_pinpoints)
+        tiles = pixels.expand(1 + (height // size) * (width // size), -1, -1, -1).unsqueeze(0)
+        yield {"pixel_values": tiles, "image_sizes": torch.tensor([[size, size]])}
     patch = getattr(vision, "patch_size", 14)
     temporal = getattr(vision, "temporal_patch_size", 2)
     merge = getattr(vision, "spatial_merge_size", 2)

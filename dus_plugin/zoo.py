@@ -134,6 +134,8 @@ VISION_SIZES: dict[str, Any] = dict(
 # Vision settings where a family's released checkpoints differ from its config class's defaults
 VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma3": dict(vision_use_head=False),  # Gemma 3's SigLIP tower has no pooling head (its config.json says so)
+    # 4 x 4 patches merge to 4 image tokens; at one token transformers' Mistral 3 squeezes the token axis away
+    "mistral3": dict(image_size=56),
 }
 # Settings that equal the text model's width in a family's released checkpoints; the config classes' defaults keep
 # the released width, which a tiny text model does not have
@@ -143,7 +145,12 @@ WIDTH_KEYS: dict[str, tuple[str, ...]] = {
     "qwen2_vl": ("vision_config.hidden_size",),  # the patch merger's output, fed to the text model
 }
 # Gemma 3 pools each image to mm_tokens_per_image (256 of 64 x 64 patches); the tiny tower has 2 x 2 patches
-TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4)}
+# VipLlava reads 5 layers of its 24-layer CLIP tower; the tiny tower has 2
+TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4),
+                                            "vipllava": dict(vision_feature_layer=[-2, -1]),
+                                            # LLaVA-NeXT tiles an image on a grid of multiples of the tower's size
+                                            **{t: dict(image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]]) for t in
+                                               ("llava_next", "llava_next_video", "llava_onevision")}}
 TEXT_KEYS = ("text_config", "language_config", "llm_config")
 IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index", "boi_token_index", "eoi_token_index", "boi_token_id",
                     "eoi_token_id", "video_token_id", "video_token_index", "vision_start_token_id",
