@@ -136,6 +136,8 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma3": dict(vision_use_head=False),  # Gemma 3's SigLIP tower has no pooling head (its config.json says so)
     # 4 x 4 patches merge to 4 image tokens; at one token transformers' Mistral 3 squeezes the token axis away
     "mistral3": dict(image_size=56),
+    # Llama 4's pixel shuffle (ratio 0.5) feeds 4 x hidden into its adapter, whose width the projector takes
+    "llama4": dict(intermediate_size=128, projector_input_dim=64, projector_output_dim=64, vision_output_dim=64),
 }
 # Settings that equal the text model's width in a family's released checkpoints; the config classes' defaults keep
 # the released width, which a tiny text model does not have

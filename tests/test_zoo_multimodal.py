@@ -37,7 +37,7 @@ FAMILIES = (
 # image in the prompt (the others are checked with text; README says which)
 WITH_IMAGE = ("aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_omni", "exaone4_5", "gemma3", "glm46v",
               "glm4v", "glm_ocr", "glmga", "got_ocr2", "hyperclovax_vision_v2", "idefics2", "idefics3", "internvl",
-              "lighton_ocr", "llava", "llava_next", "llava_next_video", "llava_onevision", "minimax_m3_vl",
+              "lighton_ocr", "llama4", "llava", "llava_next", "llava_next_video", "llava_onevision", "minimax_m3_vl",
               "mistral3", "ovis2", "paligemma", "pp_chart2table", "qianfan_ocr", "qwen2_5_vl", "qwen2_vl", "qwen3_5",
               "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen4_exp", "smolvlm", "step3p7", "video_llava",
               "vipllava")
