@@ -36,8 +36,3 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama"]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The long tests first (a stable sort keeps the rest in order): the workers steal the short ones at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("long") is None)

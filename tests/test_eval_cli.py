@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from helpers import assert_one_line_error, dus, dus_ok
 
 from conftest import REPO
@@ -58,7 +56,6 @@ def test_eval_never_writes_into_the_installed_package(tmp_path, monkeypatch):
     assert sorted(shipped.rglob("*")) == before and (tmp_path / "eval" / "base.json").is_file()
 
 
-@pytest.mark.long
 def test_eval_with_an_unreachable_dataset_host_keeps_the_perplexity(tiny_llama, tmp_path):
     """lm-eval needs a dataset from the Hub, and nothing listens there: one line, and the perplexity is on disk."""
     import os

@@ -177,7 +177,6 @@ def test_instruct_data_mistakes_are_one_line(tmp_path, chat_files):
     assert not (tmp_path / "run" / "final").exists()
 
 
-@pytest.mark.long
 def test_dus_run_chains_sft_dpo_and_merge_after_training(tmp_path, chat_files):
     """The instruct recipe in `dus run`: train -> sft -> dpo -> merge, each evaluated; a re-run skips all."""
     from helpers import config
@@ -251,7 +250,6 @@ def test_a_template_whose_turns_are_not_prefixes_is_refused(tmp_path):
                                                          {"role": "assistant", "content": "b"}], "row 1")
 
 
-@pytest.mark.long
 def test_dpo_under_a_two_process_accelerate_launch_matches_one_process(tmp_path, chat_files):
     """DPO as `accelerate launch -m dus_plugin.train` on 2 CPU ranks (gloo): each rank measures the reference of the
     rows the run will see, and the run follows the one-process run with the same global batch."""

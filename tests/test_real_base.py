@@ -34,7 +34,6 @@ def _loss(result_file: Path) -> float:
     return json.loads(result_file.read_text())["perplexity"]["loss"]
 
 
-@pytest.mark.long
 def test_real_base_grows_exactly_and_pays_the_seam(real_base, tmp_path, record_property):
     config = json.loads((real_base / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["tie_word_embeddings"]) == (30, 576, True)

@@ -24,7 +24,6 @@ def test_quickstart_assets_ship_with_the_package():
     assert size < 8 * 2**20  # "a few MB in total"
 
 
-@pytest.mark.long
 def test_dus_run_without_a_recipe_chains_every_stage_and_resumes(tmp_path, monkeypatch):
     """`dus run` with no argument (the README's command), shortened with --set, from any directory."""
     monkeypatch.chdir(tmp_path)
@@ -113,7 +112,6 @@ def test_the_papers_run_recipe_validates_with_its_training_file():
     assert yaml.safe_load(Path(r.launch.config_file).read_text())["distributed_type"] == "FSDP"
 
 
-@pytest.mark.long
 def test_dus_run_trains_under_a_two_process_accelerate_launch(tmp_path, monkeypatch, capfd):
     """The training stage as a real `accelerate launch` (2 CPU ranks, gloo); the rest of the run in-process."""
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
@@ -142,7 +140,6 @@ def test_dus_run_trains_under_a_two_process_accelerate_launch(tmp_path, monkeypa
 
 
 
-@pytest.mark.long
 def test_ctrl_c_during_dus_run_keeps_the_checkpoint_and_names_the_command(tmp_path):
     from helpers import ctrl_c_after_checkpoint
 

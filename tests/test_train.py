@@ -243,7 +243,6 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     assert (last / "trainer_state.json").is_file()
 
 
-@pytest.mark.long
 def test_two_process_accelerate_launch(tmp_path, tiny_dus):
     """A real `accelerate launch` with 2 CPU processes (gloo): finishes, loses no step, loss falls.
 
@@ -380,7 +379,6 @@ def test_eval_on_start_measures_the_seam_before_any_update(tmp_path, tiny_llama,
 
 # --- interrupted and repeated runs (issue 16) ---------------------------------------------------
 
-@pytest.mark.long
 def test_ctrl_c_keeps_the_checkpoints_and_says_how_to_continue(tmp_path, tiny_dus):
     from helpers import assert_one_line_error, ctrl_c_after_checkpoint, dus
 
@@ -446,7 +444,6 @@ def test_fp8_refuses_a_machine_without_float8_tensor_cores(tmp_path, tiny_dus):
                                       optimizer={"name": "adamw8bit"}))
 
 
-@pytest.mark.long
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_layer_compile_computes_the_same_and_leaves_the_causal_mask_to_sdpa(family, tiny_models):
     """Compiled per layer, the mask is built eagerly: None where nothing needs it (Llama), so SDPA's causal kernel
@@ -478,7 +475,6 @@ def test_layer_compile_refuses_a_model_without_named_layers():
         compile_model(torch.nn.Linear(2, 2), "layers")
 
 
-@pytest.mark.long
 def test_compiled_training_matches_eager(tmp_path, tiny_dus):
     eager = train(load_train_config(make_config(tmp_path / "e", tiny_dus, max_steps=4, save_every=0)), quiet=True)
     compiled = train(load_train_config(make_config(tmp_path / "c", tiny_dus, max_steps=4, save_every=0,

@@ -206,7 +206,6 @@ def test_a_layer_map_that_moves_qwen3_vl_deepstack_layers_is_refused(tmp_path):
                           "text layers 0..2")
 
 
-@pytest.mark.long
 def test_training_a_grown_multimodal_model_trains_its_language_tower_only(tokenizer, tmp_path):
     """`dus train` on a grown Gemma 3: the loss goes down, every non-text tensor stays the base's, the text
     layers move, and the export loads as the whole multimodal model again, with its processor file."""
