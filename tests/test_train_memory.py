@@ -76,7 +76,6 @@ def _curve(run: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-@pytest.mark.xdist_group("torchao_step")  # one worker compiles torchao's 8-bit step for both
 def test_adamw8bit_on_bf16_weights_tracks_adamw(tmp_path, wide_dus):
     common = dict(max_steps=30, save_every=0, eval_every=0, seam={"focus": "none", "seam_lr_multiplier": 1.0})
     runs = {"adamw": {}, "adamw8bit": {"optimizer": {"name": "adamw8bit"}},
@@ -95,7 +94,6 @@ def test_adamw8bit_on_bf16_weights_tracks_adamw(tmp_path, wide_dus):
     assert {t.dtype for t in exported.values()} == {torch.float32}  # saved in the model's own dtype
 
 
-@pytest.mark.xdist_group("torchao_step")  # one worker compiles torchao's 8-bit step for both
 def test_adamw8bit_resumes_where_it_stopped(tmp_path, wide_dus):
     over = dict(max_steps=6, save_every=3, eval_every=0, seam={"focus": "none", "seam_lr_multiplier": 1.0},
                 optimizer={"name": "adamw8bit"}, master_weights="bf16", precision="bf16")
