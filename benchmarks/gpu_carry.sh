@@ -15,8 +15,7 @@ export PYTHONPATH=/tmp/shim:/tmp/site DUS="python3 -m dus_plugin.cli" PYTHONUNBU
 stash_first_half() {  # call 1: keep .carry1, install the wheels and dus, and check that they import
   mkdir -p $ST /tmp/shim && cp .carry1/gguf.xz.part* $ST/ || return 1
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .carry1/*.whl || return 1
-  rm -rf /tmp/shim/dus_plugin; cp -r dus_plugin /tmp/shim/ && cp -r train /tmp/shim/dus_plugin/train \
-    && cp -r eval /tmp/shim/dus_plugin/eval
+  build_shim
   (cd /tmp && python3 -c "import trl, datasets, mergekit, transformers, torch, dus_plugin.train.instruct_data
 print('trl', trl.__version__, 'datasets', datasets.__version__, 'transformers', transformers.__version__,
       'torch', torch.__version__, torch.cuda.get_device_name())")
@@ -28,6 +27,11 @@ unpack_second_half() {  # call 2: the GGUF whole, converted to a transformers fo
   tar -xJf .carry2/corpus.tar.xz -C $ST/corpus || return 1
   (cd /tmp && python3 -c "from pathlib import Path; from dus_plugin.pretrained import convert; \
 convert(Path('$ST/gguf/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('$ST/smollm2-135m'))")
+}
+
+build_shim() {  # dus_plugin as it installs (train/ and eval/ inside it), from this tree, on PYTHONPATH
+  rm -rf /tmp/shim/dus_plugin && mkdir -p /tmp/shim && cp -r dus_plugin /tmp/shim/ \
+    && cp -r train /tmp/shim/dus_plugin/train && cp -r eval /tmp/shim/dus_plugin/eval
 }
 
 detach() {  # LOG CMD...: run detached from /tmp (not the repo root: `python3 -m` must find the shim)

@@ -16,8 +16,7 @@ case $1 in
   start)
     shift
     [ -d /tmp/site/pydantic ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry3/*.whl
-    rm -rf /tmp/shim && mkdir -p /tmp/shim && cp -r dus_plugin /tmp/shim/ \
-      && cp -r train /tmp/shim/dus_plugin/train && cp -r eval /tmp/shim/dus_plugin/eval
+    build_shim
     # a run continues from the rows recorded so far (they travel with the tree)
     mkdir -p /tmp/sthr && [ -f benchmarks/results/solar_throughput.json ] && [ ! -f /tmp/sthr/state.json ] \
       && cp benchmarks/results/solar_throughput.json /tmp/sthr/state.json

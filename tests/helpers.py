@@ -12,8 +12,9 @@ from dus_plugin.cli import main
 
 
 def free_port() -> str:
-    """A TCP port nothing listens on now: each `accelerate launch` of the suite gets its own, since tests run in
-    parallel (pytest-xdist) and two launches on accelerate's default 29500 would meet."""
+    """A TCP port nothing listens on now: a host that cannot be reached, or a port of its own for each
+    `accelerate launch` of the suite (tests run in parallel, and two launches on accelerate's default 29500 would
+    meet)."""
     import socket
 
     with socket.socket() as s:

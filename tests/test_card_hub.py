@@ -20,7 +20,7 @@ from dus_plugin.fixtures import make_tiny_model
 from dus_plugin.hub import HubError, push
 
 from conftest import REPO
-from helpers import assert_one_line_error, dus, dus_ok, tensors
+from helpers import assert_one_line_error, dus, dus_ok, free_port, tensors
 from hub_server import HubServer
 
 TOKEN = "hf_dusTestSecretToken1234567890"
@@ -257,14 +257,10 @@ def test_a_dry_run_refuses_what_the_push_refuses(upscaled, tmp_path, hub):
 
 def test_push_to_an_unreachable_hub_is_one_line(upscaled, tmp_path, monkeypatch):
     """Nothing listens on the port: huggingface_hub's connection error becomes one line naming the Hub."""
-    import socket
-
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
-    with socket.socket() as s:  # a port that was free a moment ago and has no listener
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # free a moment ago, and nothing listens on it
     write_card(upscaled / "out", base_model="org/base")
     with pytest.raises(DusError) as e:
         push(upscaled / "out", "me/x", endpoint=f"http://127.0.0.1:{port}", token=TOKEN)

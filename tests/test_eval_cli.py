@@ -2,7 +2,7 @@
 
 import json
 
-from helpers import assert_one_line_error, dus, dus_ok
+from helpers import assert_one_line_error, dus, dus_ok, free_port
 
 from conftest import REPO
 
@@ -59,7 +59,6 @@ def test_eval_never_writes_into_the_installed_package(tmp_path, monkeypatch):
 def test_eval_with_an_unreachable_dataset_host_keeps_the_perplexity(tiny_llama, tmp_path):
     """lm-eval needs a dataset from the Hub, and nothing listens there: one line, and the perplexity is on disk."""
     import os
-    import socket
     import subprocess
     import sys
 
@@ -68,9 +67,7 @@ def test_eval_with_an_unreachable_dataset_host_keeps_the_perplexity(tiny_llama, 
     (tasks / "hub_task.yaml").write_text(
         "task: hub_only_task\ndataset_path: some-org/some-dataset\noutput_type: multiple_choice\ntest_split: test\n"
         "doc_to_text: '{{q}}'\ndoc_to_target: 0\ndoc_to_choice: [a, b]\nmetric_list:\n  - metric: acc\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
            "HF_HOME": str(tmp_path / "hf")}
     out = tmp_path / "r.json"

@@ -86,11 +86,16 @@ def _attention(cfg: TrainConfig, gpu: bool, choices: list[str]) -> str:
     if cfg.attention_backend != "auto":
         return cfg.attention_backend
     # with a document mask SDPA gets a dense mask and leaves its flash kernel; flex skips the hidden blocks
-    flex = gpu and cfg.objective == "lm" and cfg.data.document_mask
-    why = ("data.document_mask on a CUDA GPU" if flex else "no document mask" if gpu and not cfg.data.document_mask
-           else "no CUDA GPU" if not gpu else f"objective {cfg.objective}")
-    choices.append(f"attention_backend: {'flex' if flex else 'sdpa'} (auto: {why})")
-    return "flex" if flex else "sdpa"
+    if not gpu:
+        choice, why = "sdpa", "no CUDA GPU"
+    elif not cfg.data.document_mask:
+        choice, why = "sdpa", "no document mask"
+    elif cfg.objective != "lm":
+        choice, why = "sdpa", f"objective {cfg.objective}"
+    else:
+        choice, why = "flex", "data.document_mask on a CUDA GPU"
+    choices.append(f"attention_backend: {choice} (auto: {why})")
+    return choice
 
 
 def _checkpointing(cfg: TrainConfig, shape: memory.ModelShape, processes: int, distributed_type: str,
