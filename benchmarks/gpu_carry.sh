@@ -21,10 +21,11 @@ print('trl', trl.__version__, 'datasets', datasets.__version__, 'transformers', 
       'torch', torch.__version__, torch.cuda.get_device_name())")
 }
 
-unpack_second_half() {  # call 2: the GGUF whole, converted to a transformers folder; the corpus unpacked
+unpack_second_half() {  # [FOLDER] call 2: the GGUF whole, converted to a transformers folder; the corpus unpacked
+  local half=${1:-.carry2}  # or where an earlier call kept .carry2
   mkdir -p $ST/gguf $ST/corpus
-  cat $ST/gguf.xz.part* .carry2/gguf.xz.part* | xz -d > $ST/gguf/SmolLM2-135M-Instruct.Q4_1.gguf || return 1
-  tar -xJf .carry2/corpus.tar.xz -C $ST/corpus || return 1
+  cat $ST/gguf.xz.part* $half/gguf.xz.part* | xz -d > $ST/gguf/SmolLM2-135M-Instruct.Q4_1.gguf || return 1
+  tar -xJf $half/corpus.tar.xz -C $ST/corpus || return 1
   (cd /tmp && python3 -c "from pathlib import Path; from dus_plugin.pretrained import convert; \
 convert(Path('$ST/gguf/SmolLM2-135M-Instruct.Q4_1.gguf'), Path('$ST/smollm2-135m'))")
 }

@@ -5,7 +5,10 @@ random bf16 weights), seq 4096, 4 sequences per step, every row side by side in 
 - before: the 1-GPU recipe as shipped until 2026-12-03 (every layer checkpointed, no compile, no fused projections);
 - shipped: configs/cpt_solar_1gpu.yml as it ships now (activation_checkpointing, compile, fused_projections: auto);
 - limit80: the same with memory_limit_gb: 80 (the limit is enforced on the GPU, so an 80 GB card is emulated);
-- fp8: the same with precision fp8 (float32 master weights, as fp8 needs) and adamw8bit, auto checkpointing;
+- fp8: the shipped recipe with precision fp8 (bf16 master weights, adamw8bit, auto checkpointing and attention);
+- fp8_fp32: the same with float32 master weights (what fp8 needed until 2026-12-04);
+- fp8_adamw: fp8 alone, with torch's AdamW (float32 weights and states): 16 bytes a parameter, refused at 10.7B;
+- fp8_limit80: fp8 with memory_limit_gb: 80;
 - shipped_sdpa: the shipped recipe with attention_backend: sdpa (what auto chose before flex, 2026-12-04);
 - shipped_ga16: 16 sequences per step, so the optimizer step is spread over 4x the tokens.
 
@@ -48,7 +51,10 @@ ROWS = {
     "shipped_sdpa": {"attention_backend": "sdpa", **PROFILE},
     "shipped_nomask": {"data": {"document_mask": False}},
     "limit80": {"memory_limit_gb": 80},
-    "fp8": {"precision": "fp8", "master_weights": "fp32"},
+    "fp8": {"precision": "fp8", **PROFILE},
+    "fp8_fp32": {"precision": "fp8", "master_weights": "fp32"},
+    "fp8_adamw": {"precision": "fp8", "master_weights": "fp32", "optimizer": {"name": "adamw", "lr": 3.0e-5}},
+    "fp8_limit80": {"precision": "fp8", "memory_limit_gb": 80},
     "shipped_ga16": {"global_batch_size": 16, "max_steps": 6},
 }
 

@@ -439,9 +439,12 @@ def test_fp8_refuses_a_machine_without_float8_tensor_cores(tmp_path, tiny_dus):
     with pytest.raises(TrainConfigError, match="precision fp8 needs a CUDA GPU"):
         train(cfg, quiet=True)
     assert not list((tmp_path / "run").glob("checkpoints/*"))
+    # bf16 master weights compose with fp8 (float8 layers cast either dtype); the adamw8bit rule still holds
+    cfg = load_train_config(make_config(tmp_path / "b", tiny_dus, max_steps=2, precision="fp8", master_weights="bf16",
+                                        optimizer={"name": "adamw8bit"}))
+    assert (cfg.precision, cfg.master_weights) == ("fp8", "bf16")
     with pytest.raises(TrainConfigError, match="master_weights"):
-        load_train_config(make_config(tmp_path / "b", tiny_dus, max_steps=2, precision="fp8", master_weights="bf16",
-                                      optimizer={"name": "adamw8bit"}))
+        load_train_config(make_config(tmp_path / "c", tiny_dus, max_steps=2, precision="fp8", master_weights="bf16"))
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

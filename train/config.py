@@ -145,8 +145,9 @@ class TrainConfig(Strict):
     fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
     """torchao's float8 scaling with precision fp8: one scale per tensor, or one per row."""
     master_weights: Literal["fp32", "bf16"] = "fp32"
-    """Dtype of the trained weights and their gradients. bf16 halves both; it needs optimizer.name: adamw8bit,
-    whose stochastic rounding keeps updates smaller than a bf16 step."""
+    """Dtype of the trained weights and their gradients (precision fp8 too: float8 layers cast either dtype in their
+    matmuls). bf16 halves both; it needs optimizer.name: adamw8bit, whose stochastic rounding keeps updates smaller
+    than a bf16 step."""
     train_only: Optional[TrainOnlyConfig] = None
     """Freeze everything except these layers [default: train everything]."""
     memory_limit_gb: Optional[float] = Field(None, gt=0)
@@ -219,8 +220,6 @@ class TrainConfig(Strict):
         if self.master_weights == "bf16" and self.optimizer.name != "adamw8bit":
             raise ValueError("master_weights: bf16 needs optimizer.name: adamw8bit (stochastic rounding); plain "
                              "AdamW on bf16 weights rounds small updates away")
-        if self.precision == "fp8" and self.master_weights != "fp32":
-            raise ValueError("precision: fp8 keeps float32 master weights; set master_weights: fp32")
         if self.master_weights == "bf16" and self.precision == "fp32":
             raise ValueError("master_weights: bf16 computes in bf16; set precision: bf16 or master_weights: fp32")
         if self.objective == "lm" and self.chat_template:

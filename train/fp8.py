@@ -1,7 +1,7 @@
 """precision: fp8 — the decoder layers' linear layers trained in float8 through torchao's float8 training.
 
-Float8Linear keeps each weight as the same float32 parameter under the same name; only its matmuls
-cast to float8 with dynamic scales. So checkpoints, the optimizer and the export (an ordinary
+Float8Linear keeps each weight as the same parameter (float32 or bf16, as master_weights says) under the same
+name; only its matmuls cast to float8 with dynamic scales. So checkpoints, the optimizer and the export (an ordinary
 transformers folder in the base's dtype) are those of bf16 training. The output head stays in bf16:
 its softmax is where float8's range would hurt most, and torchtitan leaves it out too.
 """
