@@ -315,7 +315,7 @@ def test_the_estimate_stays_just_above_every_10_7b_peak_recorded(tmp_path):
 
 def test_auto_attention_is_flex_on_a_gpu_with_a_document_mask_and_flex_is_refused_on_a_cpu(tmp_path, identity_dus):
     """FlexAttention skips the blocks a document mask hides, where SDPA gets a dense mask and leaves its flash kernel
-    (on one H200 at 10.7B: 7,328 against 6,131 tokens/s, benchmarks/results/solar_throughput.json). It has no
+    (on one H200 at 10.7B: 7,474 against 6,301 tokens/s, benchmarks/results/solar_throughput.json). It has no
     backward on a CPU, so asking for it there is one line naming the setting."""
     from dus_plugin.train import auto
 
