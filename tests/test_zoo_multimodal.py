@@ -123,6 +123,29 @@ def test_out_of_scope_multimodal_families_are_refused_in_one_line(model_type, wo
     assert_one_line_error(dus("plan", folder), words, "DUS grows decoder-only LMs")
 
 
+# Out of scope for the same reasons, checked in-process (the one-line CLI rendering is the test above): their
+# refusal names the reason, and the README's multimodal table lists them as refused
+REFUSED = {
+    "encoder-decoder multimodal model": ("florence2", "pix2struct", "pp_formulanet", "udop", "vision-encoder-decoder"),
+    "no separate text config": ("chameleon", "evolla", "idefics", "nemotron_h_omni", "pi0"),
+    "a multimodal wrapper": ("fuyu", "git"),
+}
+
+
+@pytest.mark.parametrize("model_type,words", [(t, w) for w, types in REFUSED.items() for t in types])
+def test_every_out_of_scope_image_text_family_is_refused_with_its_reason(model_type, words, tmp_path):
+    from transformers import AutoConfig
+
+    from dus_plugin.errors import BaseModelError
+
+    cfg = AutoConfig.for_model(model_type)
+    cfg.architectures = [zoo.image_text_types()[model_type]]
+    cfg.save_pretrained(tmp_path)
+    with pytest.raises(BaseModelError, match=words) as caught:
+        make_recipe(str(tmp_path), PlanOptions(method="solar", drop=2))
+    assert "\n" not in str(caught.value) and "DUS grows decoder-only" in str(caught.value)
+
+
 # --- the real configs users download (config files only, written here; no download) -------------------------
 
 GEMMA3_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
