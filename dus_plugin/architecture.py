@@ -310,7 +310,7 @@ def _tower_refusal(config: Mapping[str, Any]) -> str | None:
     outer = config_object(config)
     text = outer.get_text_config()
     if getattr(outer, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
-        return "an encoder-decoder multimodal model; DUS grows decoder-only language towers"
+        return "an encoder-decoder multimodal model"
     if text is outer or "." not in count_key(config):
         return "a multimodal model whose config has no separate text config stating the language tower's layers"
     return OUT_OF_SCOPE.get(getattr(text, "model_type", ""))
