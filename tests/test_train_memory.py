@@ -28,7 +28,9 @@ def identity_dus(tiny_llama, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def wide_dus(tmp_path_factory) -> Path:
-    """Hidden 64: the matrices have >= 4096 values, so torchao really keeps them in 8 bits."""
+    """Hidden 64: the matrices have >= 4096 values, so torchao really keeps them in 8 bits. Every layer matrix is
+    64 x 64 (as many KV heads as heads, intermediate 64): torchao compiles its step once per tensor shape and dtype,
+    so three shapes (embeddings, layer matrices, norms) compile half as often as six."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dus_plugin.fixtures import make_tokenizer
@@ -36,7 +38,7 @@ def wide_dus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wide")
     tok = make_tokenizer()
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
                                  num_hidden_layers=4, vocab_size=len(tok))).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     dus_ok("plan", root / "base", "--drop", 1, "-o", root / "r.yml")
