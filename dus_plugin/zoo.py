@@ -70,6 +70,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "paddleocr_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [2, 3, 3]}),
     "glm4v_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
     "glm_ocr_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
+    "kosmos_2_5_text_model": dict(embed_dim=64, attention_heads=4),
 }
 for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
            "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid"):
@@ -139,6 +140,20 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     # Llama 4's pixel shuffle (ratio 0.5) feeds 4 x hidden into its adapter, whose width the projector takes
     "llama4": dict(intermediate_size=128, projector_input_dim=64, projector_output_dim=64, vision_output_dim=64),
 }
+# Towers beside the vision one (audio, a second vision encoder), and vision towers made of nested encoders, shrunk
+# like the vision tower; "TEXT" stands for the text model's width where the tower's output feeds it
+EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
+    "qwen3_omni_moe_thinker": {"audio_config": dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                                                    d_model=32, output_dim="TEXT", downsample_hidden_size=32)},
+    "deepseek_vl_hybrid": {"high_res_vision_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                          mlp_dim=64, global_attn_indexes=[1])},
+    "janus": {"vq_config": dict(base_channels=32, latent_channels=32, num_embeddings=256, projection_dim="TEXT",
+                                image_token_embed_dim="TEXT")},
+    "unlimited_ocr": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                       mlp_dim=64, global_attn_indexes=[1]),
+                      "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=2)},
+}
 # Settings that equal the text model's width in a family's released checkpoints; the config classes' defaults keep
 # the released width, which a tiny text model does not have
 WIDTH_KEYS: dict[str, tuple[str, ...]] = {
@@ -185,6 +200,12 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
         vision = defaults["vision_config"]
         kw["vision_config"] = {**vision, **{k: v for k, v in VISION_SIZES.items() if k in vision},
                                **VISION_OVERRIDES.get(model_type, {})}
+    for key, sizes in EXTRA_TOWERS.get(model_type, {}).items():
+        top, _, inner = key.partition(".")
+        tower = kw.setdefault(top, dict(defaults[top]))
+        if inner:
+            tower = tower.setdefault(inner, dict(defaults[top][inner]))
+        tower.update({k: text["hidden_size"] if v == "TEXT" else v for k, v in sizes.items()})
     for key in WIDTH_KEYS.get(model_type, ()):
         *parent, leaf = key.split(".")
         (kw[parent[0]] if parent else kw)[leaf] = text["hidden_size"]
