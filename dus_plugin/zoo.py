@@ -71,6 +71,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "glm4v_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
     "glm_ocr_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
     "kosmos_2_5_text_model": dict(embed_dim=64, attention_heads=4),
+    # rotary sections the modeling code defaults to when the config names none ([8, 12, 12], [16, 24, 24])
+    "glm4v_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                            "mrope_section": [2, 1, 1]}),
+    "qwen2_5_omni_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
 }
 for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
            "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid"):
@@ -145,6 +149,8 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
 EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen3_omni_moe_thinker": {"audio_config": dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
                                                     d_model=32, output_dim="TEXT", downsample_hidden_size=32)},
+    "qwen2_5_omni_thinker": {"audio_config": dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                                                  d_model=32, output_dim="TEXT")},
     "deepseek_vl_hybrid": {"high_res_vision_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                           mlp_dim=64, global_attn_indexes=[1])},
     "janus": {"vq_config": dict(base_channels=32, latent_channels=32, num_embeddings=256, projection_dim="TEXT",
@@ -193,7 +199,8 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
     for key in ("rope_parameters", "rope_scaling"):  # multimodal rotary sections must fill the small head
         rope = text.get(key)
         if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list):
-            half = (text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]) // 2
+            head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+            half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2  # the rotated part of the head
             rope["mrope_section"] = [half - 2 * (half // 3)] + [half // 3] * 2
     kw: dict[str, Any] = {text_key: text}
     if isinstance(defaults.get("vision_config"), dict):

@@ -30,7 +30,8 @@ FAMILIES = (
     "minicpm_ocr", "minicpmv4_6", "minicpmv4_7", "minimax_m3_vl", "mistral3", "mllama", "ovis2", "paligemma",
     "pp_chart2table", "qianfan_ocr", "qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe",
     "qwen4_exp", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava",
-    "deepseek_vl_hybrid", "janus", "kosmos-2.5", "qwen3_omni_moe_thinker", "unlimited_ocr",
+    "deepseek_vl_hybrid", "janus", "kosmos-2.5", "qwen3_omni_moe_thinker", "unlimited_ocr", "glm4v_moe",
+    "qwen2_5_omni_thinker",
 )
 
 
@@ -41,7 +42,7 @@ WITH_IMAGE = ("aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_omni", 
               "lighton_ocr", "llama4", "llava", "llava_next", "llava_next_video", "llava_onevision", "minimax_m3_vl",
               "mistral3", "ovis2", "paligemma", "pp_chart2table", "qianfan_ocr", "qwen2_5_vl", "qwen2_vl", "qwen3_5",
               "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen4_exp", "smolvlm", "step3p7", "video_llava",
-              "vipllava", "qwen3_omni_moe_thinker")
+              "vipllava", "qwen3_omni_moe_thinker", "glm4v_moe", "qwen2_5_omni_thinker")
 
 
 @pytest.fixture(scope="module")
