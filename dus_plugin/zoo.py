@@ -146,11 +146,10 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 # Towers beside the vision one (audio, a second vision encoder), and vision towers made of nested encoders, shrunk
 # like the vision tower; "TEXT" stands for the text model's width where the tower's output feeds it
+_OMNI_AUDIO = dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32, output_dim="TEXT")
 EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
-    "qwen3_omni_moe_thinker": {"audio_config": dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-                                                    d_model=32, output_dim="TEXT", downsample_hidden_size=32)},
-    "qwen2_5_omni_thinker": {"audio_config": dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
-                                                  d_model=32, output_dim="TEXT")},
+    "qwen3_omni_moe_thinker": {"audio_config": dict(_OMNI_AUDIO, downsample_hidden_size=32)},
+    "qwen2_5_omni_thinker": {"audio_config": _OMNI_AUDIO},
     "deepseek_vl_hybrid": {"high_res_vision_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                           mlp_dim=64, global_attn_indexes=[1])},
     "janus": {"vq_config": dict(base_channels=32, latent_channels=32, num_embeddings=256, projection_dim="TEXT",
