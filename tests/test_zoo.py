@@ -52,7 +52,9 @@ def _upscale(base, root, method):
     recipe = root / f"{method}.yml"
     atomic_write_text(recipe, planned.render(method))
     out = root / method
-    return out, upscale(recipe, out, UpscaleOptions(quiet=True))
+    # verify's forward pass runs once per family, on identity (its logits against the base's); the solar logits
+    # are checked below independently, and the pass is 40% of this test's time
+    return out, upscale(recipe, out, UpscaleOptions(quiet=True, forward=method == "identity"))
 
 
 @pytest.mark.parametrize("model_type", sorted(zoo.causal_lm_types()))
