@@ -187,6 +187,8 @@ class Architecture:
                 entry[1].add(m.group(3))
         scored = [(len(rel & inner), prefix) for prefix, (idx, rel) in found.items() if idx == set(range(self.n))]
         best = max(scored, default=(0, module))
+        if not best[0] and len(scored) == 1:  # the one stack of n layers, in the model's original naming (Mistral)
+            return scored[0][1]
         return best[1] if best[0] else module
 
     @property

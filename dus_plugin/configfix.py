@@ -12,7 +12,8 @@ import contextlib
 import logging
 from typing import Any, Iterator, Sequence
 
-from dus_plugin.families import LAYER_INDEX_KEYS, PER_LAYER_KEYS, TEXT_MODULE
+from dus_plugin.errors import PlanError
+from dus_plugin.families import KV_SOURCE_KEYS, LAYER_INDEX_KEYS, PER_LAYER_KEYS, TEXT_MODULE
 
 LOG = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def remap_per_layer(cfg: Any, layer_map: Sequence[int], layers_key: str = "num_h
         if key in LAYER_INDEX_KEYS:
             src = set(value)
             updates[key] = [i for i, s in enumerate(layer_map) if s in src]
+        elif key in KV_SOURCE_KEYS and len(value) == n:
+            updates[key] = _kv_sources(key, value, layer_map)
         elif len(value) == n and (key in PER_LAYER_KEYS or "layer" in key):
             updates[key] = [value[s] for s in layer_map]
         else:
@@ -71,6 +74,18 @@ def remap_per_layer(cfg: Any, layer_map: Sequence[int], layers_key: str = "num_h
     if changed:
         LOG.info("rebuilt per-layer config %s by the layer map", ", ".join(changed))
     return changed
+
+
+def _kv_sources(key: str, value: list[int], layer_map: list[int]) -> list[int]:
+    """Each output layer reads the KV cache of the nearest earlier copy of the layer its source reads from."""
+    out: list[int] = []
+    for i, s in enumerate(layer_map):
+        reader = [j for j in range(i + 1) if layer_map[j] == value[s] and (j == i or out[j] == j)]
+        if not reader:
+            raise PlanError(f"{key}: output layer {i} copies layer {s}, which reads the KV cache of layer {value[s]}, "
+                            "and no copy of that layer comes before it; choose a layout that keeps the order")
+        out.append(reader[-1])
+    return out
 
 
 def _merge_layer_map(merge_config: Any) -> list[int] | None:

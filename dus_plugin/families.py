@@ -60,6 +60,9 @@ PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sli
 LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "hybrid_layer_ids", "full_attn_layers", "linear_attn_layers",
                     "swa_layers", "global_attn_layers", "sliding_window_layers_idx",
                     "cross_attention_layers")  # Llama 3.2 Vision (mllama): the text layers that attend to the image
+# Lists that give each layer the index of the layer whose KV cache it reads (itself, or an earlier one): each copy
+# reads from the nearest earlier copy of its source's KV layer.
+KV_SOURCE_KEYS = ("kv_source_layers",)  # Mistral Large 4
 
 # The module of mergekit's modular form (multimodal models) that holds the language tower: the one dus grows.
 TEXT_MODULE = "text_decoder"

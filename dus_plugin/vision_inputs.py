@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-TOKEN_KEYS = ("image_token_id", "image_token_index")
+TOKEN_KEYS = ("image_token_id", "image_token_index", "video_token_index")
+
+
+def needs_image(model: Any) -> bool:
+    """The family's forward takes no text-only prompt: it needs pixel values (BLIP-2, InstructBLIP, Kosmos-2)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "pixel_values" in params and params["pixel_values"].default is inspect.Parameter.empty
 
 
 def image_prompt(model: Any) -> dict[str, Any] | None:
@@ -18,12 +26,15 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
     import torch
 
     token = next((getattr(model.config, k) for k in TOKEN_KEYS if isinstance(getattr(model.config, k, None), int)), None)
-    if token is None or not hasattr(model, "get_image_features") or getattr(model.config, "vision_config", None) is None:
+    # a video family (InstructBLIP-Video) takes the image as a one-frame video
+    features = getattr(model, "get_image_features", None) or getattr(model, "get_video_features", None)
+    if token is None or features is None or getattr(model.config, "vision_config", None) is None:
         return None
     for image in _image_shapes(model.config):
+        image.update(_qformer_prompt(model))
         try:
             with torch.no_grad():
-                count = _feature_count(model.get_image_features(**image))
+                count = _feature_count(features(**image))
                 ids = torch.tensor([[5, 6] + [token] * count + [7, 8, 9]])
                 inputs = {"input_ids": ids, **image, **_token_types(model, ids, token)}
                 model(**inputs, use_cache=False)
@@ -40,6 +51,17 @@ def _token_types(model: Any, ids: Any, token: int) -> dict[str, Any]:
     if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
         return {}
     return {"mm_token_type_ids": (ids == token).long()}
+
+
+def _qformer_prompt(model: Any) -> dict[str, Any]:
+    """InstructBLIP's Q-Former reads the instruction too, in its own (BERT) vocabulary."""
+    import inspect
+
+    import torch
+
+    if "qformer_input_ids" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"qformer_input_ids": torch.tensor([[101, 7, 8, 102]])}
 
 
 def _image_shapes(config: Any) -> Iterator[dict[str, Any]]:

@@ -64,6 +64,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                            linear_num_value_heads=4, hc_lowrank=8, ple_embed_dim=64, ngram_vocab_size_base=1024,
                            split_ngram_parts=4, heads_per_ngram=2, indexer_n_heads=2, indexer_kv_heads=1,
                            indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4),
+    # its rotary part is head_dim x partial_rotary_factor (0.5), which must be qk_rope_head_dim
+    "mistral4": dict(head_dim=32),
     # multimodal text towers: rotary sections sized for the real head (their default, [16, 24, 24], fills 128)
     "qwen2_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
     "qwen2_5_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
@@ -77,15 +79,18 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "qwen2_5_omni_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
 }
 for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
-           "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid"):
+           "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid", "mistral4", "mistral_large4_text"):
     OVERRIDES.setdefault(_t, {})["num_key_value_heads"] = 4  # multi-head latent attention: as many KV heads as heads
 
 
 def causal_lm_types() -> dict[str, str]:
     """model_type -> causal-LM class name, as the installed transformers maps them."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
-    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    # a few text models are mapped to image-text-to-text only (Mistral 4): a causal LM all the same
+    text_only = {t: c for t, c in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items() if c.endswith("ForCausalLM")}
+    return {**text_only, **MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
 
 
 def tiny_config(model_type: str, vocab: int, layers: int = LAYERS):
@@ -154,6 +159,9 @@ EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
                                                           mlp_dim=64, global_attn_indexes=[1])},
     "janus": {"vq_config": dict(base_channels=32, latent_channels=32, num_embeddings=256, projection_dim="TEXT",
                                 image_token_embed_dim="TEXT")},
+    **{t: {"qformer_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  encoder_hidden_size=VISION_SIZES["hidden_size"])}
+       for t in ("blip-2", "instructblip", "instructblipvideo")},
     "unlimited_ocr": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                        mlp_dim=64, global_attn_indexes=[1]),
                       "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -168,7 +176,12 @@ WIDTH_KEYS: dict[str, tuple[str, ...]] = {
 }
 # Gemma 3 pools each image to mm_tokens_per_image (256 of 64 x 64 patches); the tiny tower has 2 x 2 patches
 # VipLlava reads 5 layers of its 24-layer CLIP tower; the tiny tower has 2
+# "TOKEN": a special image token the family's defaults leave unset, placed at the top of the small vocabulary too
 TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4),
+                                            # BLIP-2's Q-Former reads 32 learned queries into 32 image tokens
+                                            **{t: dict(num_query_tokens=4, image_token_index="TOKEN") for t in
+                                               ("blip-2", "instructblip")},
+                                            "instructblipvideo": dict(num_query_tokens=4, video_token_index="TOKEN"),
                                             "vipllava": dict(vision_feature_layer=[-2, -1]),
                                             # LLaVA-NeXT tiles an image on a grid of multiples of the tower's size
                                             **{t: dict(image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]]) for t in
@@ -215,8 +228,10 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
     for key in WIDTH_KEYS.get(model_type, ()):
         *parent, leaf = key.split(".")
         (kw[parent[0]] if parent else kw)[leaf] = text["hidden_size"]
-    kw.update(TOP_OVERRIDES.get(model_type, {}))
-    special = [k for k in IMAGE_TOKEN_KEYS if isinstance(defaults.get(k), int) and k != "image_seq_length"]
+    top = TOP_OVERRIDES.get(model_type, {})
+    kw.update({k: v for k, v in top.items() if v != "TOKEN"})
+    special = [k for k in IMAGE_TOKEN_KEYS if (isinstance(defaults.get(k), int) or top.get(k) == "TOKEN")
+               and k != "image_seq_length"]
     kw.update({k: vocab - 1 - i for i, k in enumerate(special)})
     if "image_seq_length" in defaults:
         kw["image_seq_length"] = (VISION_SIZES["image_size"] // VISION_SIZES["patch_size"]) ** 2
@@ -238,7 +253,20 @@ def make_multimodal_model(model_type: str, path: str | Path, tokenizer, seed: in
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.normal_(1.0 if "norm" in name and not name.endswith("bias") else 0.0, 0.1)
-        model(input_ids=torch.arange(3, 27).unsqueeze(0) % len(tokenizer), use_cache=False)
+        model(**(smoke_inputs(model, len(tokenizer))), use_cache=False)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def smoke_inputs(model, vocab: int) -> dict[str, Any]:
+    """Text, or for a family whose forward takes no prompt without an image (BLIP-2, Kosmos-2), an image prompt."""
+    import torch
+
+    from dus_plugin.vision_inputs import image_prompt, needs_image
+
+    if needs_image(model):
+        prompt = image_prompt(model)
+        assert prompt is not None, f"{type(model).__name__} needs an image, and no image input fits it"
+        return prompt
+    return {"input_ids": torch.arange(3, 27).unsqueeze(0) % vocab}

@@ -13,10 +13,13 @@ IDS = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(0))
 
 def load_clean(folder: Path, auto_class=None):
     """The model, refusing any missing, unexpected or mismatched key."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    model, info = (auto_class or AutoModelForCausalLM).from_pretrained(folder, dtype=torch.float32,
-                                                                       output_loading_info=True)
+    if auto_class is None:  # a text model transformers maps to image-text-to-text only (Mistral 4) loads from there
+        text = json.loads((Path(folder) / "config.json").read_text())["model_type"] in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        auto_class = AutoModelForCausalLM if text else AutoModelForImageTextToText
+    model, info = auto_class.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     bad = {k: v for k, v in info.items() if k != "error_msgs" and v}
     assert not bad, bad
     return in_own_memory(model).eval()
@@ -115,9 +118,13 @@ def per_layer_lists_follow_map(out: Path, base: Path, layer_map: list[int], sub:
     if sub:
         cfg, base_cfg = cfg[sub], base_cfg[sub]
     n = len(set(layer_map)) if max(layer_map) + 1 == len(set(layer_map)) else max(layer_map) + 1
-    from dus_plugin.families import LAYER_INDEX_KEYS
+    from dus_plugin.families import KV_SOURCE_KEYS, LAYER_INDEX_KEYS
 
     for key, value in base_cfg.items():
+        if key in KV_SOURCE_KEYS:  # each copy reads an earlier (or its own) cache of its source's KV layer
+            assert all(j <= i and layer_map[j] == value[s] and cfg[key][j] == j
+                       for i, (s, j) in enumerate(zip(layer_map, cfg[key]))), key
+            continue
         if key == "mlp_only_layers" and (base_cfg.get("decoder_sparse_step") or 1) > 1:
             continue  # rewritten as step 1 plus an explicit list; the stacked-reference logits check it
         if key in LAYER_INDEX_KEYS and isinstance(value, list):

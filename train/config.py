@@ -251,6 +251,20 @@ def check_model_folder(model: str) -> None:
                                "(e.g. `dus upscale configs/dus_solar.yml out/dus` first)", setting="model")
 
 
+def check_trains_on_text(model: str) -> None:
+    """dus train feeds text only; a multimodal family whose forward needs an image in every prompt cannot take it."""
+    from dus_plugin.architecture import Architecture
+    from dus_plugin.vision_inputs import needs_image
+
+    if model_folder_problem(model):
+        return  # check_model_folder says what is wrong with it
+    arch = Architecture.from_folder(model)
+    if arch.multimodal and needs_image(arch.model_class):
+        raise TrainConfigError(f"{arch.name} takes no prompt without an image, and dus train trains on text only; "
+                               "train it in a loop that feeds images, or set `model` to a text model",
+                               setting="model")
+
+
 def check_baseline_folder(folder: str | None) -> None:
     if folder and (problem := model_folder_problem(folder)):
         raise TrainConfigError(f"baseline model folder {problem}; set `baseline_model` to the base's folder, or "

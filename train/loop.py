@@ -17,7 +17,7 @@ from dus_plugin.errors import DusError, Interrupted, TrainConfigError, TrainingD
 from dus_plugin.train import auto, checkpoint, memory
 from dus_plugin.train.checkpoint import CheckpointManager
 from dus_plugin.train.compiled import compile_model
-from dus_plugin.train.config import TrainConfig, check_baseline_folder, check_model_folder
+from dus_plugin.train.config import TrainConfig, check_baseline_folder, check_model_folder, check_trains_on_text
 from dus_plugin.train.data import Mixture, PackedData, check_sources
 from dus_plugin.train.metrics import MetricsLog, plot_loss
 from dus_plugin.train.profile import StepProfiler
@@ -198,6 +198,7 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False, stop_afte
         from dus_plugin.train.fp8 import require_float8
 
         require_float8()
+    check_trains_on_text(cfg.model)  # before the Accelerator and the output folder: the refusal touches nothing
     accelerator = _accelerator(cfg)
     checkpoints = CheckpointManager(cfg, accelerator)
     checkpoints.claim(resume, overwrite)
