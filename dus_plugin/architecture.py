@@ -313,6 +313,8 @@ def _tower_refusal(config: Mapping[str, Any]) -> str | None:
     text = outer.get_text_config()
     if getattr(outer, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
         return "an encoder-decoder multimodal model"
+    if getattr(text, "is_decoder", False) and getattr(text, "encoder_hidden_size", None):  # BLIP
+        return "an encoder-decoder multimodal model (its text decoder cross-attends to the image in every layer)"
     if text is outer or "." not in count_key(config):
         return "a multimodal model whose config has no separate text config stating the language tower's layers"
     return OUT_OF_SCOPE.get(getattr(text, "model_type", ""))

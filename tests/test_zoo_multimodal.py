@@ -131,7 +131,8 @@ def test_out_of_scope_multimodal_families_are_refused_in_one_line(model_type, wo
 # Out of scope for the same reasons, checked in-process (the one-line CLI rendering is the test above): their
 # refusal names the reason, and the README's multimodal table lists them as refused
 REFUSED = {
-    "encoder-decoder multimodal model": ("florence2", "pix2struct", "pp_formulanet", "udop", "vision-encoder-decoder"),
+    "encoder-decoder multimodal model": ("florence2", "pix2struct", "pp_formulanet", "udop", "vision-encoder-decoder",
+                                         "blip"),
     "no separate text config": ("chameleon", "evolla", "idefics", "nemotron_h_omni", "pi0"),
     "a multimodal wrapper": ("fuyu", "git"),
 }
