@@ -3,7 +3,8 @@
 The image is random pixels at the vision config's size. Families take it in a few shapes (one image tensor; with its
 size; one tile per image; flattened patches with their grid, as Qwen-VL), so each shape is tried in turn: the first
 that ``get_image_features`` accepts gives the number of image features, and the prompt holds that many image
-tokens between a few text tokens. ``None`` when no shape fits the family: the caller feeds text only and says so.
+tokens between a few text tokens (Kosmos-2 instead places its image embeddings where a mask over the prompt says).
+``None`` when no shape fits the family: the caller feeds text only and says so.
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ def needs_image(model: Any) -> bool:
     """The family's forward takes no text-only prompt: it needs pixel values (BLIP-2, InstructBLIP, Kosmos-2)."""
     import inspect
 
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":  # Kosmos-2's pixel_values look optional
+        return True
     params = inspect.signature(model.forward).parameters
     return "pixel_values" in params and params["pixel_values"].default is inspect.Parameter.empty
 
 
 def image_prompt(model: Any) -> dict[str, Any] | None:
     """Keyword arguments for ``model(**inputs)``: input_ids with image tokens and the image; None if none fits."""
+    import inspect
+
     import torch
 
+    if "image_embeds_position_mask" in inspect.signature(model.forward).parameters:
+        return _position_mask_prompt(model)
     token = next((getattr(model.config, k) for k in TOKEN_KEYS if isinstance(getattr(model.config, k, None), int)), None)
     # a video family (InstructBLIP-Video) takes the image as a one-frame video
     features = getattr(model, "get_image_features", None) or getattr(model, "get_video_features", None)
@@ -42,6 +49,22 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
         except Exception:  # this family takes its image in another shape: try the next one
             continue
     return None
+
+
+def _position_mask_prompt(model: Any) -> dict[str, Any] | None:
+    """Kosmos-2 places its latent_query_num image embeddings where a mask over the prompt says, over any tokens."""
+    import torch
+
+    count = model.config.latent_query_num
+    image = next(_image_shapes(model.config))
+    inputs = {"input_ids": torch.tensor([[5, 6] + [7] * count + [8, 9]]), **image,
+              "image_embeds_position_mask": torch.tensor([[0, 0] + [1] * count + [0, 0]])}
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except Exception:  # not the layout this model takes: the caller feeds text only and says so
+        return None
+    return inputs
 
 
 def _token_types(model: Any, ids: Any, token: int) -> dict[str, Any]:

@@ -73,6 +73,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "glm4v_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
     "glm_ocr_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]}),
     "kosmos_2_5_text_model": dict(embed_dim=64, attention_heads=4),
+    "kosmos_2_text_model": dict(embed_dim=64, attention_heads=4),
     # rotary sections the modeling code defaults to when the config names none ([8, 12, 12], [16, 24, 24])
     "glm4v_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
                                             "mrope_section": [2, 1, 1]}),
@@ -182,6 +183,7 @@ TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4
                                             **{t: dict(num_query_tokens=4, image_token_index="TOKEN") for t in
                                                ("blip-2", "instructblip")},
                                             "instructblipvideo": dict(num_query_tokens=4, video_token_index="TOKEN"),
+                                            "kosmos-2": dict(latent_query_num=4),
                                             "vipllava": dict(vision_feature_layer=[-2, -1]),
                                             # LLaVA-NeXT tiles an image on a grid of multiples of the tower's size
                                             **{t: dict(image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]]) for t in

@@ -31,7 +31,7 @@ FAMILIES = (
     "pp_chart2table", "qianfan_ocr", "qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe",
     "qwen4_exp", "smolvlm", "step3p7", "video_llama_3", "video_llava", "vipllava",
     "deepseek_vl_hybrid", "janus", "kosmos-2.5", "qwen3_omni_moe_thinker", "unlimited_ocr", "glm4v_moe",
-    "qwen2_5_omni_thinker", "blip-2", "instructblip", "instructblipvideo", "mistral_large4",
+    "qwen2_5_omni_thinker", "blip-2", "instructblip", "instructblipvideo", "mistral_large4", "kosmos-2",
 )
 
 
@@ -43,7 +43,7 @@ WITH_IMAGE = ("aya_vision", "cohere2_vision", "cohere_compass", "cosmos3_omni", 
               "mistral3", "ovis2", "paligemma", "pp_chart2table", "qianfan_ocr", "qwen2_5_vl", "qwen2_vl", "qwen3_5",
               "qwen3_5_moe", "qwen3_vl", "qwen3_vl_moe", "qwen4_exp", "smolvlm", "step3p7", "video_llava",
               "vipllava", "qwen3_omni_moe_thinker", "glm4v_moe", "qwen2_5_omni_thinker", "blip-2", "instructblip",
-              "instructblipvideo")
+              "instructblipvideo", "kosmos-2", "kosmos-2.5")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_multimodal_family(model_type, tokenizer, tmp_path):
         assert type(model) is type(base_model) and model.config.get_text_config().num_hidden_layers == len(layer_map)
         ref = base_model if method == "identity" else \
             zc.stacked_reference(base_model, model.config, _text_stack(base_model), layer_map, model)
-        if not needs_image(model):  # BLIP-2 and InstructBLIP take no prompt without an image
+        if not needs_image(model):  # BLIP-2, InstructBLIP and Kosmos-2 take no prompt without an image
             assert torch.equal(zc.logits(model), zc.logits(ref))
         if prompt is not None:  # the same with an image in the prompt: the vision tower feeds the grown tower
             with torch.no_grad():
