@@ -61,16 +61,14 @@ def test_real_base_grows_exactly_and_pays_the_seam(real_base, tmp_path, record_p
     assert torch.equal(id_logits, base_logits)
 
     results = {}
-    text = tmp_path / "heldout.txt"  # its first ~2,000 tokens, whole paragraphs: the forward work is the test's cost
-    text.write_text(HELD_OUT.read_text()[:8000].rsplit("\n\n", 1)[0])
     for name, folder in (("base", real_base), ("solar", tmp_path / "solar")):
         # disjoint windows: each token scored once, half the forward work of the default half-window stride
-        dus_ok("eval", folder, "--text", text, "--max-length", 512, "--stride", 512, "-q", "-o",
+        dus_ok("eval", folder, "--text", HELD_OUT, "--max-length", 512, "--stride", 512, "-q", "-o",
                tmp_path / f"{name}.json")
         results[name] = _loss(tmp_path / f"{name}.json")
     seam_cost = results["solar"] - results["base"]
     record_property("seam_cost_nats", seam_cost)
     print(f"SmolLM2-135M on the shipped held-out text: base {results['base']:.4f}, solar m=7 "
           f"{results['solar']:.4f} nats/token (seam cost {seam_cost:+.4f})")
-    assert results["base"] < 3.5  # a pretrained model, not random weights (ln 49152 = 10.8); 3.007 measured
+    assert results["base"] < 3.0  # a pretrained model, not random weights (ln 49152 = 10.8)
     assert 0.2 < seam_cost < 2.0
