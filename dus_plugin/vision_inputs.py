@@ -14,36 +14,43 @@ from typing import Any, Iterator
 TOKEN_KEYS = ("image_token_id", "image_token_index", "video_token_index")
 
 
+def _forward_params(model: Any) -> Any:
+    """The parameters of the model's forward: which inputs the family takes, and which it requires."""
+    import inspect
+
+    return inspect.signature(model.forward).parameters
+
+
 def needs_image(model: Any) -> bool:
     """The family's forward takes no text-only prompt: it needs pixel values (BLIP-2, InstructBLIP, Kosmos-2)."""
     import inspect
 
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":  # Kosmos-2's pixel_values look optional
         return True
-    params = inspect.signature(model.forward).parameters
+    params = _forward_params(model)
     return "pixel_values" in params and params["pixel_values"].default is inspect.Parameter.empty
 
 
 def image_prompt(model: Any) -> dict[str, Any] | None:
     """Keyword arguments for ``model(**inputs)``: input_ids with image tokens and the image; None if none fits."""
-    import inspect
-
     import torch
 
-    if "image_embeds_position_mask" in inspect.signature(model.forward).parameters:
+    params = _forward_params(model)
+    if "image_embeds_position_mask" in params:
         return _position_mask_prompt(model)
     token = next((getattr(model.config, k) for k in TOKEN_KEYS if isinstance(getattr(model.config, k, None), int)), None)
     # a video family (InstructBLIP-Video) takes the image as a one-frame video
     features = getattr(model, "get_image_features", None) or getattr(model, "get_video_features", None)
     if token is None or features is None or getattr(model.config, "vision_config", None) is None:
         return None
+    extra = _qformer_prompt(params)
     for image in _image_shapes(model.config):
-        image.update(_qformer_prompt(model))
+        image.update(extra)
         try:
             with torch.no_grad():
                 count = _feature_count(features(**image))
                 ids = torch.tensor([[5, 6] + [token] * count + [7, 8, 9]])
-                inputs = {"input_ids": ids, **image, **_token_types(model, ids, token)}
+                inputs = {"input_ids": ids, **image, **_token_types(params, ids, token)}
                 model(**inputs, use_cache=False)
             return inputs
         except Exception:  # this family takes its image in another shape: try the next one
@@ -67,22 +74,18 @@ def _position_mask_prompt(model: Any) -> dict[str, Any] | None:
     return inputs
 
 
-def _token_types(model: Any, ids: Any, token: int) -> dict[str, Any]:
+def _token_types(params: Any, ids: Any, token: int) -> dict[str, Any]:
     """Families with multimodal rotary positions (Qwen3-VL, GLM-4V, ...) take which tokens are image tokens too."""
-    import inspect
-
-    if "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
+    if "mm_token_type_ids" not in params:
         return {}
     return {"mm_token_type_ids": (ids == token).long()}
 
 
-def _qformer_prompt(model: Any) -> dict[str, Any]:
+def _qformer_prompt(params: Any) -> dict[str, Any]:
     """InstructBLIP's Q-Former reads the instruction too, in its own (BERT) vocabulary."""
-    import inspect
-
     import torch
 
-    if "qformer_input_ids" not in inspect.signature(model.forward).parameters:
+    if "qformer_input_ids" not in params:
         return {}
     return {"qformer_input_ids": torch.tensor([[101, 7, 8, 102]])}
 
