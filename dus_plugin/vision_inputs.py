@@ -37,14 +37,15 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
 
     params = _forward_params(model)
     if "image_embeds_position_mask" in params:
-        return _position_mask_prompt(model)
+        return _position_mask_prompt(model, params)
+    if "cross_attention_mask" in params:
+        return _cross_attention_prompt(model)
     token = next((getattr(model.config, k) for k in TOKEN_KEYS if isinstance(getattr(model.config, k, None), int)), None)
-    # a video family (InstructBLIP-Video) takes the image as a one-frame video
-    features = getattr(model, "get_image_features", None) or getattr(model, "get_video_features", None)
+    features = _features_fn(model)
     if token is None or features is None or getattr(model.config, "vision_config", None) is None:
         return None
     extra = _qformer_prompt(params)
-    for image in _image_shapes(model.config):
+    for image in _image_shapes(model.config, params):
         image.update(extra)
         try:
             with torch.no_grad():
@@ -58,14 +59,47 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
     return None
 
 
-def _position_mask_prompt(model: Any) -> dict[str, Any] | None:
+def _features_fn(model: Any) -> Any:
+    """The vision tower's entry point: on the model, or on its inner base model (DeepSeek-VL keeps it there only);
+    a video family (InstructBLIP-Video) takes the image as a one-frame video."""
+    for owner in (model, getattr(model, "model", None)):
+        for name in ("get_image_features", "get_video_features"):
+            if callable(getattr(owner, name, None)):
+                return getattr(owner, name)
+    return None
+
+
+def _position_mask_prompt(model: Any, params: Any) -> dict[str, Any] | None:
     """Kosmos-2 places its latent_query_num image embeddings where a mask over the prompt says, over any tokens."""
     import torch
 
     count = model.config.latent_query_num
-    image = next(_image_shapes(model.config))
+    image = next(_image_shapes(model.config, params))
     inputs = {"input_ids": torch.tensor([[5, 6] + [7] * count + [8, 9]]), **image,
               "image_embeds_position_mask": torch.tensor([[0, 0] + [1] * count + [0, 0]])}
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except Exception:  # not the layout this model takes: the caller feeds text only and says so
+        return None
+    return inputs
+
+
+def _cross_attention_prompt(model: Any) -> dict[str, Any] | None:
+    """Mllama feeds the image through cross-attention layers: one image token, one tile of max_num_tiles, and a
+    mask saying which tokens see which tiles (those after the image token see its first tile)."""
+    import torch
+
+    vision, token = model.config.vision_config, model.config.image_token_index
+    tiles, size = vision.max_num_tiles, vision.image_size
+    ids = torch.tensor([[5, token, 6, 7, 8]])
+    cross = torch.zeros(1, ids.shape[1], 1, tiles, dtype=torch.long)
+    cross[:, 1:, :, 0] = 1
+    inputs = {"input_ids": ids, "cross_attention_mask": cross,
+              "pixel_values": torch.randn(1, 1, tiles, vision.num_channels, size, size,
+                                          generator=torch.Generator().manual_seed(0)),
+              "aspect_ratio_ids": torch.tensor([[1]]),  # (1, 1): the first of supported_aspect_ratios
+              "aspect_ratio_mask": torch.nn.functional.one_hot(torch.tensor([[0]]), tiles)}
     try:
         with torch.no_grad():
             model(**inputs, use_cache=False)
@@ -90,7 +124,7 @@ def _qformer_prompt(params: Any) -> dict[str, Any]:
     return {"qformer_input_ids": torch.tensor([[101, 7, 8, 102]])}
 
 
-def _image_shapes(config: Any) -> Iterator[dict[str, Any]]:
+def _image_shapes(config: Any, params: Any) -> Iterator[dict[str, Any]]:
     import torch
 
     vision = config.vision_config
@@ -98,20 +132,72 @@ def _image_shapes(config: Any) -> Iterator[dict[str, Any]]:
     size = size[0] if isinstance(size, (list, tuple)) else size if isinstance(size, int) else 28
     channels = getattr(vision, "num_channels", None) or 3
     pixels = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(0))
-    yield {"pixel_values": pixels}
-    yield {"pixel_values": pixels, "image_sizes": torch.tensor([[size, size]])}
-    yield {"pixel_values": pixels.unsqueeze(1)}
+    for image in ({"pixel_values": pixels}, {"pixel_values": pixels, "image_sizes": torch.tensor([[size, size]])}):
+        yield {**image, **_high_res(config, params)}
+    yield {"pixel_values": pixels.unsqueeze(1)}  # one tile per image
+    if "pixel_attention_mask" in params:  # GraniteDocling says which tiles are real
+        yield {"pixel_values": pixels.unsqueeze(1), "pixel_attention_mask": torch.ones(1, 1, dtype=torch.bool)}
     if getattr(config, "image_grid_pinpoints", None):  # LLaVA-NeXT: the tiles of the best grid, and a thumbnail
         from transformers.image_processing_utils import select_best_resolution
 
         height, width = select_best_resolution((size, size), config.image_grid_pinpoints)
         tiles = pixels.expand(1 + (height // size) * (width // size), -1, -1, -1).unsqueeze(0)
         yield {"pixel_values": tiles, "image_sizes": torch.tensor([[size, size]])}
+    merge = _merge_size(config)
+    for side in (merge, 2 * merge):
+        yield from _patch_shapes(vision, params, side, merge, channels)
+
+
+def _high_res(config: Any, params: Any) -> dict[str, Any]:
+    """DeepSeek-VL-Hybrid reads the image twice: at its low-resolution tower's size and its SAM tower's."""
+    import torch
+
+    high = getattr(config, "high_res_vision_config", None)
+    if "high_res_pixel_values" not in params or high is None:
+        return {}
+    size = high.image_size
+    return {"high_res_pixel_values": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))}
+
+
+def _merge_size(config: Any) -> int:
+    """How many patches a side the projector merges into one image token (2 where the family names none)."""
+    for owner in (config.vision_config, config):
+        for key in ("spatial_merge_size", "merge_kernel_size", "pooling_kernel_size", "downsample_factor"):
+            value = getattr(owner, key, None)
+            value = value[0] if isinstance(value, (list, tuple)) else value
+            if isinstance(value, int) and value > 0:
+                return value
+    return 2
+
+
+def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int) -> Iterator[dict[str, Any]]:
+    """An image already cut into side x side patches, in the layouts families take them (Qwen-VL flattens them
+    with their grid; PaddleOCR-VL and Kimi keep each patch 2-D; SigLIP 2 pads them with a mask; Gemma 4 gives
+    each patch its position; MiniCPM-V lays them in a row)."""
+    import torch
+
     patch = getattr(vision, "patch_size", 14)
     temporal = getattr(vision, "temporal_patch_size", 2)
-    merge = getattr(vision, "spatial_merge_size", 2)
-    flat = torch.randn(merge * merge, channels * temporal * patch * patch, generator=torch.Generator().manual_seed(0))
-    yield {"pixel_values": flat, "image_grid_thw": torch.tensor([[1, merge, merge]])}
+    count, pixels = side * side, channels * patch * patch
+    noise = torch.Generator().manual_seed(0)
+    grid = {"image_grid_thw": torch.tensor([[1, side, side]])}
+    if "image_merge_sizes" in params:  # VideoLLaMA 3 merges each image's patches by its own size
+        grid["image_merge_sizes"] = torch.tensor([merge])
+    yield {"pixel_values": torch.randn(count, pixels * temporal, generator=noise), **grid}
+    yield {"pixel_values": torch.randn(count, pixels, generator=noise), **grid}
+    yield {"pixel_values": torch.randn(count, channels, patch, patch, generator=noise), **grid}
+    if "spatial_shapes" in params:
+        yield {"pixel_values": torch.randn(1, count, pixels, generator=noise), "spatial_shapes": torch.tensor([[side, side]]),
+               "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
+    if "image_position_ids" in params:  # Gemma 4 (its encoder-free variant takes merged patches)
+        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        positions = torch.stack([xs, ys], -1).reshape(1, count, 2)
+        for width in {patch, getattr(vision, "model_patch_size", patch)}:
+            yield {"pixel_values": torch.randn(1, count, channels * width * width, generator=noise),
+                   "image_position_ids": positions}
+    if "target_sizes" in params:
+        yield {"pixel_values": torch.randn(1, channels, patch, patch * count, generator=noise),
+               "target_sizes": torch.tensor([[side, side]])}
 
 
 def _feature_count(features: Any) -> int:

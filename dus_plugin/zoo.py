@@ -149,6 +149,14 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     "mistral3": dict(image_size=56),
     # Llama 4's pixel shuffle (ratio 0.5) feeds 4 x hidden into its adapter, whose width the projector takes
     "llama4": dict(intermediate_size=128, projector_input_dim=64, projector_output_dim=64, vision_output_dim=64),
+    "mistral_large4": dict(image_size=56),  # Pixtral, as Mistral 3
+    # the cross-attention reads the hidden states of some layers, concatenated with the last one's
+    "mllama": dict(num_global_layers=1, attention_heads=2, intermediate_layers_indices=[0, 1],
+                   vision_output_dim=3 * VISION_SIZES["hidden_size"]),
+    # its connector shuffles 4 x 4 patches into one token; its deepstack reads 3 of its 12 layers
+    "granite_docling": dict(image_size=56, deepstack_visual_indexes=[0, 1]),
+    # an encoder-free embedder of 3 x 3 merged patches, as wide as the text model
+    "gemma4_unified": dict(mm_embed_dim=SIZES["hidden_size"], mm_posemb_size=16, output_proj_dims=SIZES["hidden_size"]),
 }
 # Towers beside the vision one (audio, a second vision encoder), and vision towers made of nested encoders, shrunk
 # like the vision tower; "TEXT" stands for the text model's width where the tower's output feeds it
@@ -164,7 +172,8 @@ EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
                                   encoder_hidden_size=VISION_SIZES["hidden_size"])}
        for t in ("blip-2", "instructblip", "instructblipvideo")},
     "unlimited_ocr": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                       mlp_dim=64, global_attn_indexes=[1]),
+                                                       mlp_dim=64, global_attn_indexes=[1],
+                                                       downsample_channels=[32, 32]),  # into the encoder's width
                       "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                            num_attention_heads=2)},
 }
@@ -179,6 +188,12 @@ WIDTH_KEYS: dict[str, tuple[str, ...]] = {
 # VipLlava reads 5 layers of its 24-layer CLIP tower; the tiny tower has 2
 # "TOKEN": a special image token the family's defaults leave unset, placed at the top of the small vocabulary too
 TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4),
+                                            # Aria's projector maps a patch count to its query count (1225 -> 128)
+                                            "aria": dict(projector_patch_to_query_dict={4: 2, 16: 4}),
+                                            # Kimi's projector is as wide as its vision tower
+                                            "kimi_k25": dict(projection_hidden_size=VISION_SIZES["hidden_size"]),
+                                            **{t: dict(image_token_id="TOKEN") for t in
+                                               ("minicpm_ocr", "minicpmv4_6", "minicpmv4_7")},
                                             # BLIP-2's Q-Former reads 32 learned queries into 32 image tokens
                                             **{t: dict(num_query_tokens=4, image_token_index="TOKEN") for t in
                                                ("blip-2", "instructblip")},
@@ -217,8 +232,10 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
             half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2  # the rotated part of the head
             rope["mrope_section"] = [half - 2 * (half // 3)] + [half // 3] * 2
     kw: dict[str, Any] = {text_key: text}
-    if isinstance(defaults.get("vision_config"), dict):
-        vision = defaults["vision_config"]
+    vision = defaults.get("vision_config")
+    if vision is None and "vision_config" in cls.sub_configs:  # Gemma 4: optional, set in released checkpoints
+        vision = cls.sub_configs["vision_config"]().to_dict()
+    if isinstance(vision, dict):
         kw["vision_config"] = {**vision, **{k: v for k, v in VISION_SIZES.items() if k in vision},
                                **VISION_OVERRIDES.get(model_type, {})}
     for key, sizes in EXTRA_TOWERS.get(model_type, {}).items():
@@ -255,6 +272,8 @@ def make_multimodal_model(model_type: str, path: str | Path, tokenizer, seed: in
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.normal_(1.0 if "norm" in name and not name.endswith("bias") else 0.0, 0.1)
+            elif p.numel() == 1 and not p.any():  # Mllama's tanh gates start closed: the image would reach nothing
+                p.normal_(0.0, 1.0)
         model(**(smoke_inputs(model, len(tokenizer))), use_cache=False)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
