@@ -144,7 +144,13 @@ class Architecture:
         """The dotted module path of the decoder-layer list (``model.layers``; ``model.language_model.layers`` in a
         multimodal model, where a vision tower may hold a list of the same length)."""
         self.check_scope()
-        return find_stack(self.meta, self.n, self.multimodal)
+        path = find_stack(self.meta, self.n, self.multimodal)
+        second = _second_pass(self.meta, path, self.n)
+        if second:
+            raise BaseModelError(f"the base is a {self.name}: its {second} run the language tower's layers a second "
+                                 "time (the same weights, with per-layer buffers of their own), which DUS does not "
+                                 "grow; DUS grows decoder-only LMs with one layer stack")
+        return path
 
     @cached_property
     def tower(self) -> str:
@@ -398,6 +404,16 @@ def find_stack(model: Any, n: int, multimodal: bool = False) -> str:
                                  "DUS cannot tell which one is the decoder stack")
         found = outer
     return found[0]
+
+
+def _second_pass(model: Any, path: str, n: int) -> str | None:
+    """Another list of n layers built on the stack's own weights (DiffusionGemma's encoder runs the decoder's
+    layers again): its own buffers would stay at n layers while the stack grows."""
+    import torch
+
+    owned = {id(p) for p in model.get_submodule(path).parameters()}
+    return next((name for name, mod in model.named_modules() if isinstance(mod, torch.nn.ModuleList)
+                 and len(mod) == n and name != path and any(id(p) in owned for p in mod.parameters())), None)
 
 
 def _names_by_tensor(model: Any) -> list[tuple[Any, list[str]]]:

@@ -39,10 +39,12 @@ POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_numbe
 # Leaf names of projections that add into the residual stream, across the families of transformers.
 WRITER_LEAVES = frozenset({"o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "Wo",
                            "wo_b", "linear_out", "fc_out", "output_proj", "output_linear", "attention_out", "w_out",
-                           "o_proj_bias", "down_proj_bias", "per_layer_projection"})
+                           "o_proj_bias", "down_proj_bias", "per_layer_projection",
+                           "attn_out", "ff_out"})  # the last two: Molmo 2
 # Tensor names that show a layer scaling or mixing the residual stream itself (learned residual scales,
 # hyper-connections): zeroing its output projections does not make such a layer the identity.
-RESIDUAL_MIXERS = ("residual_scale", "residual_bias", "hc_attn_", "hc_ffn_")
+RESIDUAL_MIXERS = ("residual_scale", "residual_bias", "hc_attn_", "hc_ffn_",
+                   "residual_gate")  # Muse Spark: alpha * residual + beta * output, alpha from a learned gate
 # Config settings whose layers pass their input into the residual stream through no weight (LongCat-Flash's
 # zero-computation experts return the token they are routed): no zeroed projection silences them.
 PASS_THROUGH_SETTINGS = {"zero_expert_num": "its MoE routes tokens to zero-computation experts that return their "
@@ -59,7 +61,8 @@ PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "attention_chunk_sizes", "sli
 # Lists of layer *indices* (not per-layer values): remapped to the output indices they cover.
 LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "hybrid_layer_ids", "full_attn_layers", "linear_attn_layers",
                     "swa_layers", "global_attn_layers", "sliding_window_layers_idx",
-                    "cross_attention_layers")  # Llama 3.2 Vision (mllama): the text layers that attend to the image
+                    "cross_attention_layers",  # Llama 3.2 Vision (mllama): the text layers that attend to the image
+                    "rope_scaling_layers")  # Molmo 2: the layers whose rotary positions are scaled
 # Lists that give each layer the index of the layer whose KV cache it reads (itself, or an earlier one): each copy
 # reads from the nearest earlier copy of its source's KV layer.
 KV_SOURCE_KEYS = ("kv_source_layers",)  # Mistral Large 4

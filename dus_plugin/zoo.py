@@ -77,10 +77,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # rotary sections the modeling code defaults to when the config names none ([8, 12, 12], [16, 24, 24])
     "glm4v_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
                                             "mrope_section": [2, 1, 1]}),
+    # its experts are on in the defaults, their top-k unset; its last layer must be a full-attention one
+    # (with its wider full-attention heads, per layer)
+    "diffusion_gemma_text": dict(top_k_experts=2, layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
+                                 per_layer_config={"3": {"head_dim": 32}, "7": {"head_dim": 32}}),
+    "glm5_next_text": dict(qk_rope_head_dim=0),  # its sparse (DSA) attention layers have no rotary part
+    "hunyuan_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2, 2]}),
+    "ernie4_5_vl_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [3, 3, 2]}),
     "qwen2_5_omni_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
 }
 for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
-           "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid", "mistral4", "mistral_large4_text"):
+           "minicpm3", "longcat_flash", "kimi_linear", "bailing_hybrid", "mistral4", "mistral_large4_text", "glm5_next_text"):
     OVERRIDES.setdefault(_t, {})["num_key_value_heads"] = 4  # multi-head latent attention: as many KV heads as heads
 
 
@@ -100,19 +107,43 @@ def tiny_config(model_type: str, vocab: int, layers: int = LAYERS):
 
     cls = CONFIG_MAPPING[model_type]
     defaults = cls().to_dict()
-    kw = {k: v for k, v in SIZES.items() if k in defaults}
+    kw = _sized(defaults, SIZES)
     kw.update(OVERRIDES.get(model_type, {}))
     kw[getattr(cls, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")] = layers
     kw["vocab_size"] = vocab
     if "vocab_size_per_layer_input" in defaults:  # Gemma 3n's per-layer embeddings: the same small vocabulary
         kw["vocab_size_per_layer_input"] = vocab
-    for key in ("layer_types", "layers_block_type", "hybrid_override_pattern"):
-        if isinstance(defaults.get(key), list) and key not in kw and len(defaults[key]) != layers:
-            kw[key] = [defaults[key][i % len(defaults[key])] for i in range(layers)]
+    kw.update(_per_layer_at(defaults, {**kw}, layers, keys=("layer_types", "layers_block_type",
+                                                             "hybrid_override_pattern")))
+    for key in ("rope_parameters", "rope_scaling"):
+        if key not in kw and isinstance(defaults.get(key), dict) and "mrope_section" in defaults[key]:
+            kw[key] = _rotary_sections(dict(defaults[key]), {**defaults, **kw})
     cfg = cls(**kw)
     if model_type in causal_lm_types():  # a multimodal model's text config may have no causal-LM class of its own
         cfg.architectures = [causal_lm_types()[model_type]]
     return cfg
+
+
+def _sized(defaults: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
+    """The test sizes of the settings a config has; a size given per item (an image's height and width, Ernie's
+    per-modality expert widths) keeps its length."""
+    return {k: [v] * len(defaults[k]) if isinstance(defaults[k], list) and isinstance(v, int) else v
+            for k, v in sizes.items() if k in defaults}
+
+
+def _per_layer_at(defaults: dict[str, Any], kw: dict[str, Any], layers: int,
+                  keys=("layer_types", "mlp_layer_types")) -> dict[str, Any]:
+    """Per-layer patterns cycled to the test's layer count."""
+    return {key: [defaults[key][i % len(defaults[key])] for i in range(layers)] for key in keys
+            if isinstance(defaults.get(key), list) and key not in kw and len(defaults[key]) != layers}
+
+
+def _rotary_sections(rope: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Multimodal rotary sections (temporal, height, width) that fill the small head's rotated half."""
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    half = int(head * rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))) // 2
+    rope["mrope_section"] = [half - 2 * (half // 3)] + [half // 3] * 2
+    return rope
 
 
 def make_zoo_model(model_type: str, path: str | Path, tokenizer, seed: int = 0) -> Path:
@@ -154,6 +185,8 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     "mllama": dict(num_global_layers=1, attention_heads=2, intermediate_layers_indices=[0, 1],
                    vision_output_dim=3 * VISION_SIZES["hidden_size"]),
     # its connector shuffles 4 x 4 patches into one token; its deepstack reads 3 of its 12 layers
+    "molmo2": dict(num_position_embeddings=4),
+    "inkling2": dict(projection_hidden_dim=64),  # one per patch of the tiny image
     "granite_docling": dict(image_size=56, deepstack_visual_indexes=[0, 1]),
     # an encoder-free embedder of 3 x 3 merged patches, as wide as the text model
     "gemma4_unified": dict(mm_embed_dim=SIZES["hidden_size"], mm_posemb_size=16, output_proj_dims=SIZES["hidden_size"]),
@@ -171,6 +204,14 @@ EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
     **{t: {"qformer_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                   encoder_hidden_size=VISION_SIZES["hidden_size"])}
        for t in ("blip-2", "instructblip", "instructblipvideo")},
+    "molmo2": {"adapter_config": dict(vision_feature_layer=[1, 0], hidden_size=32, num_attention_heads=2,
+                                      num_key_value_heads=2, head_dim=16, intermediate_size=64, text_hidden_size="TEXT")},
+    "dots3_note": {"vision_config": dict(adapter_in_dim=VISION_SIZES["hidden_size"], adapter_out_dim="TEXT",
+                                         moe_intermediate_size=32, num_local_experts=4),
+                   "audio_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=2, head_dim=16, downsample_hidden_size=32,
+                                        adapter_input_size=32, adapter_out_dim="TEXT", conv_output_size=512)},
+    "muse_spark": {"audio_config": dict(hidden_sizes=[16, 16, 32, 32], depths=[1, 1, 1, 1], out_hidden_size="TEXT")},
     "unlimited_ocr": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                        mlp_dim=64, global_attn_indexes=[1],
                                                        downsample_channels=[32, 32]),  # into the encoder's width
@@ -183,6 +224,7 @@ WIDTH_KEYS: dict[str, tuple[str, ...]] = {
     "paligemma": ("hidden_size", "projection_dim", "vision_config.projection_dim"),
     "ovis2": ("hidden_size",),
     "qwen2_vl": ("vision_config.hidden_size",),  # the patch merger's output, fed to the text model
+    "inkling2": ("vision_config.text_hidden_size",),
 }
 # Gemma 3 pools each image to mm_tokens_per_image (256 of 64 x 64 patches); the tiny tower has 2 x 2 patches
 # VipLlava reads 5 layers of its 24-layer CLIP tower; the tiny tower has 2
@@ -190,6 +232,10 @@ WIDTH_KEYS: dict[str, tuple[str, ...]] = {
 TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4),
                                             # Aria's projector maps a patch count to its query count (1225 -> 128)
                                             "aria": dict(projector_patch_to_query_dict={4: 2, 16: 4}),
+                                            # Muse's projector reads 2 x 2 merged patches of its vision tower
+                                            **{t: dict(out_hidden_size=4 * VISION_SIZES["hidden_size"],
+                                                       projector_hidden_size=64) for t in ("muse_glimmer",
+                                                                                          "muse_spark")},
                                             # Kimi's projector is as wide as its vision tower
                                             "kimi_k25": dict(projection_hidden_size=VISION_SIZES["hidden_size"]),
                                             **{t: dict(image_token_id="TOKEN") for t in
@@ -225,19 +271,17 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
     defaults = cls().to_dict()
     text_key = next(k for k in TEXT_KEYS if isinstance(defaults.get(k), dict))
     text = tiny_config(defaults[text_key]["model_type"], vocab, layers).to_dict()
-    for key in ("rope_parameters", "rope_scaling"):  # multimodal rotary sections must fill the small head
-        rope = text.get(key)
-        if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list):
-            head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-            half = int(head * rope.get("partial_rotary_factor", 1.0)) // 2  # the rotated part of the head
-            rope["mrope_section"] = [half - 2 * (half // 3)] + [half // 3] * 2
     kw: dict[str, Any] = {text_key: text}
     vision = defaults.get("vision_config")
     if vision is None and "vision_config" in cls.sub_configs:  # Gemma 4: optional, set in released checkpoints
         vision = cls.sub_configs["vision_config"]().to_dict()
     if isinstance(vision, dict):
-        kw["vision_config"] = {**vision, **{k: v for k, v in VISION_SIZES.items() if k in vision},
-                               **VISION_OVERRIDES.get(model_type, {})}
+        tower = {**vision, **_sized(vision, VISION_SIZES), **VISION_OVERRIDES.get(model_type, {})}
+        depth = tower.get("num_hidden_layers") or tower.get("depth") or VISION_SIZES["num_hidden_layers"]
+        tower.update(_per_layer_at(vision, VISION_OVERRIDES.get(model_type, {}), depth))
+        if isinstance(tower.get("per_layer_config"), dict):  # settings of some layers, keyed by index (dots.ocr 3)
+            tower["per_layer_config"] = {k: v for k, v in tower["per_layer_config"].items() if int(k) < depth}
+        kw["vision_config"] = tower
     for key, sizes in EXTRA_TOWERS.get(model_type, {}).items():
         top, _, inner = key.partition(".")
         tower = kw.setdefault(top, dict(defaults[top]))

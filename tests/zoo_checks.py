@@ -76,6 +76,8 @@ def stacked_reference(base, out_config, prefix: str, layer_map: list[int], out=N
             mod.config = swaps[type(mod.config)]
         if isinstance(getattr(mod, "cross_attention_layers", None), list):  # mllama keeps its own copy of the list
             mod.cross_attention_layers = text.cross_attention_layers
+        if isinstance(getattr(mod, "rope_types", None), list) and len(mod.rope_types) == len(layers):
+            mod.rope_types = [mod.rope_types[s] for s in layer_map]  # Molmo 2's per-layer rotary kinds, built once
     return ref.eval()
 
 
