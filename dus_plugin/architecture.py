@@ -629,11 +629,24 @@ def _check_index_settings(base_config: Mapping[str, Any]) -> None:
 
 
 def _check_vision_reads(config: Mapping[str, Any], layer_map: Sequence[int]) -> None:
-    """Vision settings that name text layers by index. Qwen3-VL adds its deepstack features (one per entry of
-    ``deepstack_visual_indexes``) after text layers 0..k-1, so those must stay base layers 0..k-1."""
+    """Vision settings that name text layers by index: the image features they add must reach the same layers,
+    so each named layer must stay where it is (the solar layout keeps the first n - m)."""
+    for setting, layers in _vision_text_layers(config):
+        moved = [i for i in layers if i >= len(layer_map) or layer_map[i] != i]
+        if moved:
+            named = f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
+            raise PlanError(f"{setting} feeds image features into text layers {named} by index, and this layer map "
+                            f"puts base layers {[layer_map[i] if i < len(layer_map) else None for i in moved]} at "
+                            f"{moved}; keep those base layers in place (the solar layout does)")
+
+
+def _vision_text_layers(config: Mapping[str, Any]) -> list[tuple[str, list[int]]]:
+    """(setting, text layers it feeds). Qwen3-VL adds one deepstack feature per deepstack_visual_indexes entry
+    after text layers 0..k-1; Granite 4 Vision names its deepstack targets as (vision, text) layer pairs, and its
+    spatial targets as a list."""
     vision = config.get("vision_config") if isinstance(config.get("vision_config"), Mapping) else {}
-    k = len(vision.get("deepstack_visual_indexes") or ())
-    if k and list(layer_map[:k]) != list(range(k)):
-        raise PlanError(f"vision_config.deepstack_visual_indexes feeds image features into text layers 0..{k - 1} "
-                        f"by index, and this layer map puts base layers {list(layer_map[:k])} there; keep base "
-                        f"layers 0..{k - 1} first (the solar layout does)")
+    found = [("vision_config.deepstack_visual_indexes", list(range(len(vision.get("deepstack_visual_indexes") or ()))))]
+    if isinstance(config.get("deepstack_layer_map"), list):
+        found.append(("deepstack_layer_map", [int(text) for _, text in config["deepstack_layer_map"]]))
+        found.append(("spatial_target_layers", [int(i) for i in config.get("spatial_target_layers") or ()]))
+    return [(setting, sorted(layers)) for setting, layers in found if layers]

@@ -172,7 +172,7 @@ def _merge_size(config: Any) -> int:
 
 def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int) -> Iterator[dict[str, Any]]:
     """An image already cut into side x side patches, in the layouts families take them (Qwen-VL flattens them
-    with their grid; PaddleOCR-VL and Kimi keep each patch 2-D, Inkling 2 the whole image; SigLIP 2 pads them with a mask; Gemma 4 gives
+    with their grid; PaddleOCR-VL and Kimi keep each patch 2-D; SigLIP 2 pads them with a mask; Gemma 4 gives
     each patch its position; MiniCPM-V lays them in a row)."""
     import torch
 
@@ -186,8 +186,6 @@ def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int
     yield {"pixel_values": torch.randn(count, pixels * temporal, generator=noise), **grid}
     yield {"pixel_values": torch.randn(count, pixels, generator=noise), **grid}
     yield {"pixel_values": torch.randn(count, channels, patch, patch, generator=noise), **grid}
-    # Inkling 2 cuts the patches itself, from the whole image with its channels last
-    yield {"pixel_values": torch.randn(1, side * patch, side * patch, channels, generator=noise), **grid}
     if "spatial_shapes" in params:
         yield {"pixel_values": torch.randn(1, count, pixels, generator=noise), "spatial_shapes": torch.tensor([[side, side]]),
                "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}

@@ -265,6 +265,24 @@ def test_a_layer_map_that_moves_qwen3_vl_deepstack_layers_is_refused(tmp_path):
                           "text layers 0..2")
 
 
+@pytest.mark.parametrize("layers,words", [
+    ("1:32,0:1", "deepstack_layer_map feeds image features into text layers [0, 3, 6, 9] by index"),
+    (None, "spatial_target_layers feeds image features into text layers [12, 15, 18, 21] by index"),
+])
+def test_a_layer_map_that_moves_granite4_vision_target_layers_is_refused(layers, words, tmp_path):
+    """Granite 4 Vision adds image features into the text layers it names, as (vision layer, text layer) pairs and
+    a list of spatial targets (its defaults, 32 text layers, with a deepstack map as its checkpoints set one)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cfg = CONFIG_MAPPING["granite4_vision"](deepstack_layer_map=[[-19, 9], [-13, 6], [-7, 3], [-1, 0]],
+                                           downsample_rate="4/8")
+    cfg.architectures = [zoo.image_text_types()["granite4_vision"]]
+    cfg.save_pretrained(tmp_path / "g")
+    args = ("--layers", layers) if layers else ("--drop", 12)  # drop 12 puts base layer 13 at 21
+    assert_one_line_error(dus("plan", tmp_path / "g", *args), words)
+    dus_ok("plan", tmp_path / "g", "-o", tmp_path / "r.yml")  # the solar layout (drop 8) keeps 0..23 in place
+
+
 def test_training_a_grown_multimodal_model_trains_its_language_tower_only(tokenizer, tmp_path):
     """`dus train` on a grown Gemma 3: the loss goes down, every non-text tensor stays the base's, the text
     layers move, and the export loads as the whole multimodal model again, with its processor file."""
