@@ -366,8 +366,7 @@ def _logits_whole(folder: Path, identity_base: Path | None, ids):
     from dus_plugin.vision_inputs import image_prompt
 
     model = _load(folder)
-    inputs = (image_prompt(model) if getattr(model.config, "vision_config", None) is not None else None) \
-        or {"input_ids": ids}
+    inputs = image_prompt(model) or {"input_ids": ids}
     try:
         with torch.no_grad():
             logits = model(**inputs, use_cache=False).logits

@@ -35,6 +35,8 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
     """Keyword arguments for ``model(**inputs)``: input_ids with image tokens and the image; None if none fits."""
     import torch
 
+    if _vision(model.config) is None:  # a text model
+        return None
     params = _forward_params(model)
     if "image_embeds_position_mask" in params:
         return _position_mask_prompt(model, params)
@@ -42,7 +44,7 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
         return _cross_attention_prompt(model)
     token = next((getattr(model.config, k) for k in TOKEN_KEYS if isinstance(getattr(model.config, k, None), int)), None)
     features = _features_fn(model)
-    if token is None or features is None or getattr(model.config, "vision_config", None) is None:
+    if token is None or features is None:
         return None
     extra = _qformer_prompt(params)
     for image in _image_shapes(model.config, params):
@@ -57,6 +59,11 @@ def image_prompt(model: Any) -> dict[str, Any] | None:
         except Exception:  # this family takes its image in another shape: try the next one
             continue
     return None
+
+
+def _vision(config: Any) -> Any:
+    """The image tower's config: a vision encoder's, or Emu3's VQ tokenizer's."""
+    return getattr(config, "vision_config", None) or getattr(config, "vq_config", None)
 
 
 def _features_fn(model: Any) -> Any:
@@ -127,7 +134,7 @@ def _qformer_prompt(params: Any) -> dict[str, Any]:
 def _image_shapes(config: Any, params: Any) -> Iterator[dict[str, Any]]:
     import torch
 
-    vision = config.vision_config
+    vision = _vision(config)
     size = getattr(vision, "image_size", 28)
     size = size[0] if isinstance(size, (list, tuple)) else size if isinstance(size, int) else 28
     channels = getattr(vision, "num_channels", None) or 3
@@ -161,7 +168,7 @@ def _high_res(config: Any, params: Any) -> dict[str, Any]:
 
 def _merge_size(config: Any) -> int:
     """How many patches a side the projector merges into one image token (2 where the family names none)."""
-    for owner in (config.vision_config, config):
+    for owner in (_vision(config), config):
         for key in ("spatial_merge_size", "merge_kernel_size", "pooling_kernel_size", "downsample_factor"):
             value = getattr(owner, key, None)
             value = value[0] if isinstance(value, (list, tuple)) else value

@@ -79,6 +79,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                                             "mrope_section": [2, 1, 1]}),
     # its experts are on in the defaults, their top-k unset; its last layer must be a full-attention one
     # (with its wider full-attention heads, per layer)
+    "deepseek_ocr2_text": dict(mlp_layer_types=["dense"] + ["sparse"] * (LAYERS - 1)),  # unset in its defaults
     "diffusion_gemma_text": dict(top_k_experts=2, layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
                                  per_layer_config={"3": {"head_dim": 32}, "7": {"head_dim": 32}}),
     "glm5_next_text": dict(qk_rope_head_dim=0),  # its sparse (DSA) attention layers have no rotary part
@@ -212,11 +213,23 @@ EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
                                         num_key_value_heads=2, head_dim=16, downsample_hidden_size=32,
                                         adapter_input_size=32, adapter_out_dim="TEXT", conv_output_size=512)},
     "muse_spark": {"audio_config": dict(hidden_sizes=[16, 16, 32, 32], depths=[1, 1, 1, 1], out_hidden_size="TEXT")},
+    # Emu3 reads an image as VQ codes, each a token of the text vocabulary (its vocabulary_map names them)
+    "emu3": {"vq_config": dict(codebook_size=8, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1,
+                               hidden_size=32, attn_resolutions=[])},
     "unlimited_ocr": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                        mlp_dim=64, global_attn_indexes=[1],
                                                        downsample_channels=[32, 32]),  # into the encoder's width
                       "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                            num_attention_heads=2)},
+    # its vision encoder is a language model (Qwen2) over SAM's features
+    "deepseek_ocr2": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                       mlp_dim=64, global_attn_indexes=[1],
+                                                       downsample_channels=[32, 32]),
+                      "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=2, num_key_value_heads=2,
+                                                           vocab_size=64, layer_types=["full_attention"] * 2)},
+    "inkling_mm_model": {"vision_config": dict(n_layers=2, text_hidden_size="TEXT"),
+                         "audio_config": dict(text_hidden_size="TEXT")},
 }
 # Settings that equal the text model's width in a family's released checkpoints; the config classes' defaults keep
 # the released width, which a tiny text model does not have
@@ -293,6 +306,10 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
         (kw[parent[0]] if parent else kw)[leaf] = text["hidden_size"]
     top = TOP_OVERRIDES.get(model_type, {})
     kw.update({k: v for k, v in top.items() if v != "TOKEN"})
+    if model_type == "emu3":  # the image marker, the end of an image row, and one token per VQ code, at the top
+        codes = kw["vq_config"]["codebook_size"]
+        kw["vocabulary_map"] = {"<image>": vocab - 1, "<|extra_200|>": vocab - 2,
+                                **{f"<|visual token {i:06d}|>": vocab - 3 - i for i in range(codes)}}
     special = [k for k in IMAGE_TOKEN_KEYS if (isinstance(defaults.get(k), int) or top.get(k) == "TOKEN")
                and k != "image_seq_length"]
     kw.update({k: vocab - 1 - i for i, k in enumerate(special)})

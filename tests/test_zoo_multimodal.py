@@ -34,12 +34,14 @@ FAMILIES = (
     "deepseek_vl_hybrid", "janus", "kosmos-2.5", "qwen3_omni_moe_thinker", "unlimited_ocr", "glm4v_moe",
     "qwen2_5_omni_thinker", "blip-2", "instructblip", "instructblipvideo", "mistral_large4", "kosmos-2",
     "cosmos3_edge", "dots3_note", "ernie4_5_vl_moe", "glm5_next", "hunyuan_vl", "lfm3_vl",
-    "molmo2", "muse_glimmer", "muse_spark",
+    "molmo2", "muse_glimmer", "muse_spark", "emu3", "inkling_mm_model", "deepseek_ocr2",
 )
 # Families checked with text only: no image input dus_plugin.vision_inputs builds fits them (README says why)
-TEXT_ONLY = ("molmo2",)
+TEXT_ONLY = ("molmo2", "inkling_mm_model")
 # Families whose text tower refuses identity, as the text zoo's does (its layers mix the residual stream)
-SOLAR_ONLY = {"glm5_next": "hc_attn_", "muse_spark": "residual_gate"}
+# (Inkling's writers, wo_ud and w2_weight, are not known to dus, and its layers convolve the residual stream)
+SOLAR_ONLY = {"glm5_next": "hc_attn_", "muse_spark": "residual_gate",
+              "inkling_mm_model": "known to write into the residual stream"}
 
 
 @pytest.fixture(scope="module")
