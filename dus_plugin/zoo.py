@@ -82,9 +82,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_ocr2_text": dict(mlp_layer_types=["dense"] + ["sparse"] * (LAYERS - 1)),  # unset in its defaults
     "diffusion_gemma_text": dict(top_k_experts=2, layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
                                  per_layer_config={"3": {"head_dim": 32}, "7": {"head_dim": 32}}),
-    "glm5_next_text": dict(qk_rope_head_dim=0),  # its sparse (DSA) attention layers have no rotary part
+    # its sparse (DSA) attention layers have no rotary part; its linear-attention heads default to the real width
+    "glm5_next_text": dict(qk_rope_head_dim=0, linear_head_dim=16, linear_num_heads=4),
     "hunyuan_vl_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 2, 2, 2]}),
-    "ernie4_5_vl_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [3, 3, 2]}),
+    "ernie4_5_vl_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5, "mrope_section": [3, 3, 2]},
+                                 moe_num_experts=4, moe_k=2),
     "qwen2_5_omni_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
 }
 for _t in ("axk1", "axk2", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "youtu", "glm_moe_dsa",
@@ -187,7 +189,8 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
                    vision_output_dim=3 * VISION_SIZES["hidden_size"]),
     # its connector shuffles 4 x 4 patches into one token; its deepstack reads 3 of its 12 layers
     "molmo2": dict(num_position_embeddings=4),
-    "inkling2": dict(projection_hidden_dim=64),  # one per patch of the tiny image
+    "inkling2": dict(projection_hidden_dim=64),
+    "glm5_next": dict(projection_intermediate_size=64),  # one per patch of the tiny image
     "granite_docling": dict(image_size=56, deepstack_visual_indexes=[0, 1]),
     # an encoder-free embedder of 3 x 3 merged patches, as wide as the text model
     "gemma4_unified": dict(mm_embed_dim=SIZES["hidden_size"], mm_posemb_size=16, output_proj_dims=SIZES["hidden_size"]),
