@@ -84,12 +84,7 @@ def _position_mask_prompt(model: Any, params: Any) -> dict[str, Any] | None:
     image = next(_image_shapes(model.config, params))
     inputs = {"input_ids": torch.tensor([[5, 6] + [7] * count + [8, 9]]), **image,
               "image_embeds_position_mask": torch.tensor([[0, 0] + [1] * count + [0, 0]])}
-    try:
-        with torch.no_grad():
-            model(**inputs, use_cache=False)
-    except Exception:  # not the layout this model takes: the caller feeds text only and says so
-        return None
-    return inputs
+    return _if_it_runs(model, inputs)
 
 
 def _cross_attention_prompt(model: Any) -> dict[str, Any] | None:
@@ -107,10 +102,17 @@ def _cross_attention_prompt(model: Any) -> dict[str, Any] | None:
                                           generator=torch.Generator().manual_seed(0)),
               "aspect_ratio_ids": torch.tensor([[1]]),  # (1, 1): the first of supported_aspect_ratios
               "aspect_ratio_mask": torch.nn.functional.one_hot(torch.tensor([[0]]), tiles)}
+    return _if_it_runs(model, inputs)
+
+
+def _if_it_runs(model: Any, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The inputs, if the model's forward takes them; else None (the caller feeds text only and says so)."""
+    import torch
+
     try:
         with torch.no_grad():
             model(**inputs, use_cache=False)
-    except Exception:  # not the layout this model takes: the caller feeds text only and says so
+    except Exception:  # not the layout this model takes
         return None
     return inputs
 
