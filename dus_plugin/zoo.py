@@ -77,9 +77,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # rotary sections the modeling code defaults to when the config names none ([8, 12, 12], [16, 24, 24])
     "glm4v_moe_text": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
                                             "mrope_section": [2, 1, 1]}),
+    "deepseek_ocr2_text": dict(mlp_layer_types=["dense"] + ["sparse"] * (LAYERS - 1)),  # unset in its defaults
     # its experts are on in the defaults, their top-k unset; its last layer must be a full-attention one
     # (with its wider full-attention heads, per layer)
-    "deepseek_ocr2_text": dict(mlp_layer_types=["dense"] + ["sparse"] * (LAYERS - 1)),  # unset in its defaults
     "diffusion_gemma_text": dict(top_k_experts=2, layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
                                  per_layer_config={"3": {"head_dim": 32}, "7": {"head_dim": 32}}),
     # its sparse (DSA) attention layers have no rotary part; its linear-attention heads default to the real width
@@ -116,8 +116,7 @@ def tiny_config(model_type: str, vocab: int, layers: int = LAYERS):
     kw["vocab_size"] = vocab
     if "vocab_size_per_layer_input" in defaults:  # Gemma 3n's per-layer embeddings: the same small vocabulary
         kw["vocab_size_per_layer_input"] = vocab
-    kw.update(_per_layer_at(defaults, {**kw}, layers, keys=("layer_types", "layers_block_type",
-                                                             "hybrid_override_pattern")))
+    kw.update(_per_layer_at(defaults, kw, layers, keys=("layer_types", "layers_block_type", "hybrid_override_pattern")))
     for key in ("rope_parameters", "rope_scaling"):
         if key not in kw and isinstance(defaults.get(key), dict) and "mrope_section" in defaults[key]:
             kw[key] = _rotary_sections(dict(defaults[key]), {**defaults, **kw})
@@ -187,10 +186,11 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     # the cross-attention reads the hidden states of some layers, concatenated with the last one's
     "mllama": dict(num_global_layers=1, attention_heads=2, intermediate_layers_indices=[0, 1],
                    vision_output_dim=3 * VISION_SIZES["hidden_size"]),
-    # its connector shuffles 4 x 4 patches into one token; its deepstack reads 3 of its 12 layers
-    "molmo2": dict(num_position_embeddings=4),
+    "molmo2": dict(num_position_embeddings=4),  # one per patch of the tiny image
+    # projector widths sized for the real model
     "inkling2": dict(projection_hidden_dim=64),
-    "glm5_next": dict(projection_intermediate_size=64),  # one per patch of the tiny image
+    "glm5_next": dict(projection_intermediate_size=64),
+    # its connector shuffles 4 x 4 patches into one token; its deepstack reads 3 of its 12 layers
     "granite_docling": dict(image_size=56, deepstack_visual_indexes=[0, 1]),
     # an encoder-free embedder of 3 x 3 merged patches, as wide as the text model
     "gemma4_unified": dict(mm_embed_dim=SIZES["hidden_size"], mm_posemb_size=16, output_proj_dims=SIZES["hidden_size"]),
