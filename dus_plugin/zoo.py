@@ -201,8 +201,10 @@ _OMNI_AUDIO = dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=
 EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen3_omni_moe_thinker": {"audio_config": dict(_OMNI_AUDIO, downsample_hidden_size=32)},
     "qwen2_5_omni_thinker": {"audio_config": _OMNI_AUDIO},
+    # (its SAM tower reads a 1024-pixel image by default; features are interpolated to the low-res grid anyway)
     "deepseek_vl_hybrid": {"high_res_vision_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                          mlp_dim=64, global_attn_indexes=[1])},
+                                                          mlp_dim=64, global_attn_indexes=[1], image_size=64,
+                                                          window_size=2)},
     "janus": {"vq_config": dict(base_channels=32, latent_channels=32, num_embeddings=256, projection_dim="TEXT",
                                 image_token_embed_dim="TEXT")},
     **{t: {"qformer_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
