@@ -1,9 +1,10 @@
 """A prompt with an image for a multimodal model's forward pass, built from the model itself (no processor files).
 
-The image is random pixels at the vision config's size. Families take it in a few shapes (one image tensor; with its
-size; one tile per image; flattened patches with their grid, as Qwen-VL), so each shape is tried in turn: the first
-that ``get_image_features`` accepts gives the number of image features, and the prompt holds that many image
-tokens between a few text tokens (Kosmos-2 instead places its image embeddings where a mask over the prompt says).
+The image is random pixels at the vision config's size. Families take it in many shapes (one image tensor, with
+or without its size; one tile per image; patches with their grid, mask, positions or row layout), and only the
+shapes whose inputs the forward takes are tried, in turn: the first that ``get_image_features`` accepts gives the
+number of image features, and the prompt holds that many image tokens between a few text tokens. Kosmos-2 instead
+places its image embeddings where a mask over the prompt says, and Mllama reads the image through cross-attention.
 ``None`` when no shape fits the family: the caller feeds text only and says so.
 """
 
@@ -196,8 +197,8 @@ def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int
     yield {"pixel_values": torch.randn(count, pixels, generator=noise), **grid}
     yield {"pixel_values": torch.randn(count, channels, patch, patch, generator=noise), **grid}
     if "spatial_shapes" in params:
-        yield {"pixel_values": torch.randn(1, count, pixels, generator=noise), "spatial_shapes": torch.tensor([[side, side]]),
-               "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
+        yield {"pixel_values": torch.randn(1, count, pixels, generator=noise),
+               "spatial_shapes": torch.tensor([[side, side]]), "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
     if "image_position_ids" in params:  # Gemma 4 (its encoder-free variant takes merged patches)
         ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         positions = torch.stack([xs, ys], -1).reshape(1, count, 2)
