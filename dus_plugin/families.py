@@ -40,7 +40,8 @@ POSITION_ATTRS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_numbe
 WRITER_LEAVES = frozenset({"o_proj", "down_proj", "out_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo", "Wo",
                            "wo_b", "linear_out", "fc_out", "output_proj", "output_linear", "attention_out", "w_out",
                            "o_proj_bias", "down_proj_bias", "per_layer_projection",
-                           "attn_out", "ff_out"})  # the last two: Molmo 2
+                           "attn_out", "ff_out",  # Molmo 2
+                           "wo_ud", "w2_weight", "shared_w2_weight"})  # Inkling's checkpoints (SGLang's names)
 # Tensor names that show a layer scaling or mixing the residual stream itself (learned residual scales,
 # hyper-connections): zeroing its output projections does not make such a layer the identity.
 RESIDUAL_MIXERS = ("residual_scale", "residual_bias", "hc_attn_", "hc_ffn_",

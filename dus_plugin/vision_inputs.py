@@ -182,8 +182,8 @@ def _merge_size(config: Any) -> int:
 
 def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int) -> Iterator[dict[str, Any]]:
     """An image already cut into side x side patches, in the layouts families take them (Qwen-VL flattens them
-    with their grid; PaddleOCR-VL and Kimi keep each patch 2-D; SigLIP 2 pads them with a mask; Gemma 4 gives
-    each patch its position; MiniCPM-V lays them in a row)."""
+    with their grid; PaddleOCR-VL and Kimi keep each patch 2-D; Inkling keeps its frames; SigLIP 2 pads them with a mask; Gemma 4 gives
+    each patch its position; MiniCPM-V lays them in a row; Molmo 2 names the patches each token pools)."""
     import torch
 
     patch = getattr(vision, "patch_size", 14)
@@ -196,6 +196,8 @@ def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int
     yield {"pixel_values": torch.randn(count, pixels * temporal, generator=noise), **grid}
     yield {"pixel_values": torch.randn(count, pixels, generator=noise), **grid}
     yield {"pixel_values": torch.randn(count, channels, patch, patch, generator=noise), **grid}
+    # Inkling: each patch a clip of frames, channels last, and no grid (one image token per patch)
+    yield {"pixel_values": torch.randn(count, temporal, patch, patch, channels, generator=noise)}
     if "spatial_shapes" in params:
         yield {"pixel_values": torch.randn(1, count, pixels, generator=noise),
                "spatial_shapes": torch.tensor([[side, side]]), "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
@@ -208,12 +210,19 @@ def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int
     if "target_sizes" in params:
         yield {"pixel_values": torch.randn(1, channels, patch, patch * count, generator=noise),
                "target_sizes": torch.tensor([[side, side]])}
+    if "image_token_pooling" in params:  # Molmo 2 pools merge x merge patches of one crop into each image token
+        tokens = count // (merge * merge)
+        yield {"pixel_values": torch.randn(1, count, pixels, generator=noise),
+               "image_token_pooling": torch.arange(count).reshape(tokens, merge * merge),
+               "image_grids": torch.tensor([[1, tokens, 0, 0]])}
 
 
 def _feature_count(features: Any) -> int:
     """How many image embeddings (one image token each) the vision tower returned."""
     if getattr(features, "pooler_output", None) is not None:
         features = features.pooler_output
+    elif getattr(features, "deepstack_features", None):  # Granite 4 Vision: (text layer, features) pairs, as long
+        features = features.deepstack_features[0][1]
     elif hasattr(features, "last_hidden_state"):
         features = features.last_hidden_state
     if isinstance(features, (list, tuple)):

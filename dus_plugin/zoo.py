@@ -177,7 +177,8 @@ VISION_SIZES: dict[str, Any] = dict(
 )
 # Vision settings where a family's released checkpoints differ from its config class's defaults
 VISION_OVERRIDES: dict[str, dict[str, Any]] = {
-    "gemma3": dict(vision_use_head=False),  # Gemma 3's SigLIP tower has no pooling head (its config.json says so)
+    # Gemma 3's SigLIP tower has no pooling head (its config.json says so); ShieldGemma 2 is Gemma 3 4B
+    **{t: dict(vision_use_head=False) for t in ("gemma3", "shieldgemma2")},
     # 4 x 4 patches merge to 4 image tokens; at one token transformers' Mistral 3 squeezes the token axis away
     "mistral3": dict(image_size=56),
     # Llama 4's pixel shuffle (ratio 0.5) feeds 4 x hidden into its adapter, whose width the projector takes
@@ -193,6 +194,8 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     # its connector shuffles 4 x 4 patches into one token; its deepstack reads 3 of its 12 layers
     "granite_docling": dict(image_size=56, deepstack_visual_indexes=[0, 1]),
     # an encoder-free embedder of 3 x 3 merged patches, as wide as the text model
+    # its Q-Former projectors take one attention head per 64 channels of the vision tower
+    "granite4_vision": dict(hidden_size=64),
     "gemma4_unified": dict(mm_embed_dim=SIZES["hidden_size"], mm_posemb_size=16, output_proj_dims=SIZES["hidden_size"]),
 }
 # Towers beside the vision one (audio, a second vision encoder), and vision towers made of nested encoders, shrunk
@@ -248,6 +251,9 @@ WIDTH_KEYS: dict[str, tuple[str, ...]] = {
 # VipLlava reads 5 layers of its 24-layer CLIP tower; the tiny tower has 2
 # "TOKEN": a special image token the family's defaults leave unset, placed at the top of the small vocabulary too
 TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4),
+                                            # ShieldGemma 2 answers with the logits of its Yes and No tokens
+                                            "shieldgemma2": dict(mm_tokens_per_image=4, yes_token_index=10,
+                                                                 no_token_index=11),
                                             # Aria's projector maps a patch count to its query count (1225 -> 128)
                                             "aria": dict(projector_patch_to_query_dict={4: 2, 16: 4}),
                                             # Muse's projector reads 2 x 2 merged patches of its vision tower
@@ -264,13 +270,20 @@ TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4
                                             "instructblipvideo": dict(num_query_tokens=4, video_token_index="TOKEN"),
                                             "kosmos-2": dict(latent_query_num=4),
                                             "vipllava": dict(vision_feature_layer=[-2, -1]),
+                                            # Granite 4 Vision's projectors pool 2 x 2 windows of patches into one
+                                            # query each and feed them into text layers below the seam (its
+                                            # released map reads 4 vision layers into layers 0-21 of 40)
+                                            "granite4_vision": dict(downsample_rate="1/2",
+                                                                    deepstack_layer_map=[[-2, 1], [-1, 0]],
+                                                                    spatial_target_layers=[2, 3, 4, 5],
+                                                                    image_grid_pinpoints=[[28, 28], [28, 56]]),
                                             # LLaVA-NeXT tiles an image on a grid of multiples of the tower's size
                                             **{t: dict(image_grid_pinpoints=[[28, 28], [28, 56], [56, 28]]) for t in
                                                ("llava_next", "llava_next_video", "llava_onevision")}}
 TEXT_KEYS = ("text_config", "language_config", "llm_config")
 IMAGE_TOKEN_KEYS = ("image_token_id", "image_token_index", "boi_token_index", "eoi_token_index", "boi_token_id",
                     "eoi_token_id", "video_token_id", "video_token_index", "vision_start_token_id",
-                    "vision_end_token_id", "image_seq_length")
+                    "vision_end_token_id", "image_patch_id", "image_seq_length")
 
 
 def image_text_types() -> dict[str, str]:
@@ -278,6 +291,16 @@ def image_text_types() -> dict[str, str]:
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     return dict(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
+# Families whose released checkpoints name another class than the mapping's: transformers maps ShieldGemma 2 to
+# Gemma3ForConditionalGeneration, which does not load the folder it saves under ShieldGemma 2's config
+RELEASED_CLASSES = {"shieldgemma2": "ShieldGemma2ForImageClassification"}
+
+
+def multimodal_class(model_type: str) -> str:
+    """The class name a family's checkpoints name in ``architectures``."""
+    return RELEASED_CLASSES.get(model_type) or image_text_types()[model_type]
 
 
 def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
@@ -321,7 +344,7 @@ def tiny_multimodal_config(model_type: str, vocab: int, layers: int = LAYERS):
     if "image_seq_length" in defaults:
         kw["image_seq_length"] = (VISION_SIZES["image_size"] // VISION_SIZES["patch_size"]) ** 2
     cfg = cls(**kw)
-    cfg.architectures = [image_text_types()[model_type]]
+    cfg.architectures = [multimodal_class(model_type)]
     return cfg
 
 
@@ -333,7 +356,7 @@ def make_multimodal_model(model_type: str, path: str | Path, tokenizer, seed: in
     path = Path(path)
     cfg = tiny_multimodal_config(model_type, vocab=len(tokenizer))
     torch.manual_seed(seed)
-    model = getattr(transformers, image_text_types()[model_type])(cfg).eval()
+    model = getattr(transformers, multimodal_class(model_type))(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 27's H200 rows, one detached job over back-to-back calls on one warm machine (device tool, .carry3 carried):
+#   the 10.7B recipe at micro-batch 2 beside micro-batch 1 (BF16 and FP8), then the 2.25B benchmark shape at
+#   micro-batches that need more than 80 GB (mb8, mb10) beside mb5 (54.3% on 2026-12-03).
+#   bash benchmarks/issue27_h200.sh start SECONDS     # first call: install, start the job, wait
+#   bash benchmarks/issue27_h200.sh wait SECONDS      # later calls
+# Each call copies the state so far to $OUT (solar_throughput_h200.json, train_throughput_h200.json, job.log).
+set -u
+source "$(dirname "$0")/gpu_carry.sh"
+export OMP_NUM_THREADS=8 TRANSFORMERS_VERBOSITY=error
+collect() {
+  cp /tmp/sthr/state.json "$OUT/solar_throughput_h200.json" 2>/dev/null
+  cp /tmp/tt/r.json "$OUT/train_throughput_h200.json" 2>/dev/null
+  grep -v -e "^W12" -e "Failed to load" /tmp/job.log | tail -c 20000 > "$OUT/job.log" 2>/dev/null
+  tail -c 2500 "$OUT/job.log"
+}
+case $1 in
+  start)
+    mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+    echo "GPU memory: $mem MiB"; [ "$mem" -gt 100000 ] || { echo "not an H200: stopping"; exit 3; }
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry3/*.whl || exit 1
+    build_shim
+    cat > /tmp/job.sh <<JOB
+python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows shipped_mb2,shipped,fp8_mb2
+python3 $PWD/benchmarks/train_throughput.py --work /tmp/tt --out /tmp/tt/r.json \
+  --variants compile+fused+mb8+ga2,compile+fused+mb5+ga4,compile+fused+mb10+ga2
+python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows fp8
+JOB
+    detach /tmp/job.log bash /tmp/job.sh
+    follow "$2" ;;
+  wait) follow "$2" ;;
+esac
