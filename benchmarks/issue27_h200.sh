@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 27's H200 rows, one detached job over back-to-back calls on one warm machine (device tool, .carry3 carried):
-#   the 10.7B recipe at micro-batch 2 beside micro-batch 1 (BF16 and FP8), then the 2.25B benchmark shape at
-#   micro-batches that need more than 80 GB (mb8, mb10) beside mb5 (54.3% on 2026-12-03).
+#   in order of need: the 10.7B recipe at micro-batch 2 beside micro-batch 1 (BF16), the 2.25B benchmark shape at
+#   micro-batch 8 (more than 80 GB) beside mb5 (54.3% on 2026-12-03), then FP8 at micro-batch 2 and 1, and mb10.
 #   bash benchmarks/issue27_h200.sh start SECONDS     # first call: install, start the job, wait
 #   bash benchmarks/issue27_h200.sh wait SECONDS      # later calls
 # Each call copies the state so far to $OUT (solar_throughput_h200.json, train_throughput_h200.json, job.log).
@@ -21,10 +21,11 @@ case $1 in
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry3/*.whl || exit 1
     build_shim
     cat > /tmp/job.sh <<JOB
-python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows shipped_mb2,shipped,fp8_mb2
+python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows shipped_mb2,shipped
 python3 $PWD/benchmarks/train_throughput.py --work /tmp/tt --out /tmp/tt/r.json \
-  --variants compile+fused+mb8+ga2,compile+fused+mb5+ga4,compile+fused+mb10+ga2
-python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows fp8
+  --variants compile+fused+mb8+ga2,compile+fused+mb5+ga4
+python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows fp8_mb2,fp8
+python3 $PWD/benchmarks/train_throughput.py --work /tmp/tt --out /tmp/tt/r.json --variants compile+fused+mb10+ga2
 JOB
     detach /tmp/job.log bash /tmp/job.sh
     follow "$2" ;;

@@ -363,7 +363,7 @@ def _logits_whole(folder: Path, identity_base: Path | None, ids):
     """The fallback: the whole model in float32 (and then the base, for an identity upscale)."""
     import torch
 
-    from dus_plugin.vision_inputs import image_prompt
+    from dus_plugin.vision_inputs import image_key, image_prompt
 
     model = _load(folder)
     inputs = image_prompt(model) or {"input_ids": ids}
@@ -373,7 +373,7 @@ def _logits_whole(folder: Path, identity_base: Path | None, ids):
     except Exception as e:
         raise _forward_failed(folder, e) from None
     del model
-    image = "pixel_values" in inputs
+    image = image_key(inputs) is not None
     if identity_base is None:
         return logits, None, image
     base = _model_class(identity_base).from_pretrained(identity_base, dtype=torch.float32).eval()

@@ -4,7 +4,8 @@ The image is random pixels at the vision config's size. Families take it in many
 or without its size; one tile per image; patches with their grid, mask, positions or row layout), and only the
 shapes whose inputs the forward takes are tried, in turn: the first that ``get_image_features`` accepts gives the
 number of image features, and the prompt holds that many image tokens between a few text tokens. Kosmos-2 instead
-places its image embeddings where a mask over the prompt says, and Mllama reads the image through cross-attention.
+places its image embeddings where a mask over the prompt says (Kosmos-2.5 reads Pix2Struct's flattened patches), and
+Mllama reads the image through cross-attention.
 ``None`` when no shape fits the family: the caller feeds text only and says so.
 """
 
@@ -13,6 +14,12 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 TOKEN_KEYS = ("image_token_id", "image_token_index", "video_token_index")
+IMAGE_KEYS = ("pixel_values", "flattened_patches")  # Kosmos-2.5 reads Pix2Struct's flattened patches
+
+
+def image_key(inputs: dict[str, Any]) -> str | None:
+    """Which of a prompt's inputs holds the image; None for a text prompt."""
+    return next((k for k in IMAGE_KEYS if k in inputs), None)
 
 
 def _forward_params(model: Any) -> Any:
@@ -82,10 +89,34 @@ def _position_mask_prompt(model: Any, params: Any) -> dict[str, Any] | None:
     import torch
 
     count = model.config.latent_query_num
-    image = next(_image_shapes(model.config, params))
+    image = _flattened_patches(model.config.vision_config) if "flattened_patches" in params else \
+        next(_image_shapes(model.config, params))
     inputs = {"input_ids": torch.tensor([[5, 6] + [7] * count + [8, 9]]), **image,
               "image_embeds_position_mask": torch.tensor([[0, 0] + [1] * count + [0, 0]])}
     return _if_it_runs(model, inputs)
+
+
+def _flattened_patches(vision: Any, side: int = 2) -> dict[str, Any]:
+    """Kosmos-2.5 reads Pix2Struct's patches: each flattened after its row and column number (from 1; 0 pads)."""
+    import torch
+
+    rows, cols = torch.meshgrid(torch.arange(1, side + 1), torch.arange(1, side + 1), indexing="ij")
+    pixels = torch.randn(1, side * side, vision.patch_embed_hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.stack([rows, cols], -1).reshape(1, side * side, 2).float()
+    return {"flattened_patches": torch.cat([positions, pixels], -1), "width": torch.tensor([28]),
+            "height": torch.tensor([28])}
+
+
+def other_image(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The same prompt with other random pixels (the patches' row and column numbers kept)."""
+    import torch
+
+    key = image_key(inputs)
+    image = inputs[key]
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(1)).to(image.dtype)
+    if key == "flattened_patches":
+        noise[..., :2] = image[..., :2]
+    return {**inputs, key: noise}
 
 
 def _cross_attention_prompt(model: Any) -> dict[str, Any] | None:

@@ -174,6 +174,7 @@ VISION_SIZES: dict[str, Any] = dict(
     hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2,
     head_dim=16, image_size=28, patch_size=14, depth=2, embed_dim=32, num_heads=2, out_hidden_size=64,
     projection_dim=64,
+    initializer_range=0.02,  # SAM-style towers default to 1e-10: their tiny weights would hide the image
 )
 # Vision settings where a family's released checkpoints differ from its config class's defaults
 VISION_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -193,9 +194,29 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
     "glm5_next": dict(projection_intermediate_size=64),
     # its connector shuffles 4 x 4 patches into one token; its deepstack reads 3 of its 12 layers
     "granite_docling": dict(image_size=56, deepstack_visual_indexes=[0, 1]),
-    # an encoder-free embedder of 3 x 3 merged patches, as wide as the text model
+    # FastViT (timm) at 104K parameters: one block a stage, narrow stages; the tower is as wide as its output (twice
+    # its last stage), and it downsamples 64 x, so the image is 128 pixels
+    "fast_vlm": dict(model_args=dict(inference_mode=True, layers=[1, 1, 1, 1, 1], embed_dims=[8, 16, 32, 32, 64]),
+                     hidden_size=128, image_size=128),
+    # Gemma 3n's MobileNetV5 (timm) at 1/16 of its channels: its fusion adapter still writes 2048 channels at
+    # 16 x 16, whatever the image's size (64 pixels here)
+    "gemma3n": dict(model_args=dict(channel_multiplier=0.0625), hidden_size=2048, image_size=64),
+    # PerceptionLM's Perception Encoder, as its config.json names it (a ViT with a class token and 2-D rotary)
+    "perception_lm": dict(architecture="vit_pe_core_large_patch14_336", image_size=28,
+                          model_args=dict(embed_dim=32, depth=2, num_heads=2, img_size=[28, 28], ref_feat_shape=[2, 2],
+                                          global_pool="", init_values=0.1)),
+    # settings that index the tower's own layers: the deepstack reads 3 layers, as released (into text layers 0-2;
+    # stock mergekit's Qwen3-VL definition names 3 mergers), so the tower has 3; at the tiny depth of 2,
+    # windowed attention in layer 0 and full (or global) attention in layer 1
+    **{t: dict(depth=3, deepstack_visual_indexes=[0, 1, 2]) for t in ("qwen3_vl", "qwen3_vl_moe",
+                                                                      "qwen3_omni_moe_thinker", "cohere_compass",
+                                                                      "cosmos3_omni")},
+    **{t: dict(fullatt_block_indexes=[1]) for t in ("qwen2_5_vl", "qwen2_5_omni_thinker", "exaone4_5",
+                                                    "hyperclovax_vision_v2")},
+    **{t: dict(global_attn_indexes=[1]) for t in ("got_ocr2", "pp_chart2table")},
     # its Q-Former projectors take one attention head per 64 channels of the vision tower
     "granite4_vision": dict(hidden_size=64),
+    # an encoder-free embedder of 3 x 3 merged patches, as wide as the text model
     "gemma4_unified": dict(mm_embed_dim=SIZES["hidden_size"], mm_posemb_size=16, output_proj_dims=SIZES["hidden_size"]),
 }
 # Towers beside the vision one (audio, a second vision encoder), and vision towers made of nested encoders, shrunk
@@ -207,6 +228,7 @@ EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
     # (its SAM tower reads a 1024-pixel image by default; features are interpolated to the low-res grid anyway)
     "deepseek_vl_hybrid": {"high_res_vision_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                           mlp_dim=64, global_attn_indexes=[1], image_size=64,
+                                                          initializer_range=0.02,
                                                           window_size=2)},
     "janus": {"vq_config": dict(base_channels=32, latent_channels=32, num_embeddings=256, projection_dim="TEXT",
                                 image_token_embed_dim="TEXT")},
@@ -220,18 +242,20 @@ EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
                    "audio_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                         num_key_value_heads=2, head_dim=16, downsample_hidden_size=32,
                                         adapter_input_size=32, adapter_out_dim="TEXT", conv_output_size=512)},
+    "gemma3n": {"audio_config": dict(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=2,
+                                     sscp_conv_channel_size=[8, 8])},
     "muse_spark": {"audio_config": dict(hidden_sizes=[16, 16, 32, 32], depths=[1, 1, 1, 1], out_hidden_size="TEXT")},
     # Emu3 reads an image as VQ codes, each a token of the text vocabulary (its vocabulary_map names them)
     "emu3": {"vq_config": dict(codebook_size=8, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1,
                                hidden_size=32, attn_resolutions=[])},
     "unlimited_ocr": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                       mlp_dim=64, global_attn_indexes=[1],
+                                                       mlp_dim=64, global_attn_indexes=[1], initializer_range=0.02,
                                                        downsample_channels=[32, 32]),  # into the encoder's width
                       "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                            num_attention_heads=2)},
     # its vision encoder is a language model (Qwen2) over SAM's features
     "deepseek_ocr2": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                       mlp_dim=64, global_attn_indexes=[1],
+                                                       mlp_dim=64, global_attn_indexes=[1], initializer_range=0.02,
                                                        downsample_channels=[32, 32]),
                       "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                            num_attention_heads=2, num_key_value_heads=2,
@@ -268,7 +292,7 @@ TOP_OVERRIDES: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=4
                                             **{t: dict(num_query_tokens=4, image_token_index="TOKEN") for t in
                                                ("blip-2", "instructblip")},
                                             "instructblipvideo": dict(num_query_tokens=4, video_token_index="TOKEN"),
-                                            "kosmos-2": dict(latent_query_num=4),
+                                            **{t: dict(latent_query_num=4) for t in ("kosmos-2", "kosmos-2.5")},
                                             "vipllava": dict(vision_feature_layer=[-2, -1]),
                                             # Granite 4 Vision's projectors pool 2 x 2 windows of patches into one
                                             # query each and feed them into text layers below the seam (its
@@ -361,8 +385,13 @@ def make_multimodal_model(model_type: str, path: str | Path, tokenizer, seed: in
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.normal_(1.0 if "norm" in name and not name.endswith("bias") else 0.0, 0.1)
-            elif p.numel() == 1 and not p.any():  # Mllama's tanh gates start closed: the image would reach nothing
-                p.normal_(0.0, 1.0)
+            elif p.is_floating_point() and not p.any():  # weights that start at zero (Gemma 3's projector,
+                p.normal_(0.0, 1.0 if p.numel() == 1 else 0.02)  # Mllama's tanh gates): else the image reaches nothing
+        # timm's towers start with small weights, under which the image fades stage by stage beneath the random
+        # biases (FastViT): their convolutions are drawn to keep their input's variance
+        towers = [m for m in model.modules() if type(m).__module__.startswith("timm.")]
+        for conv in dict.fromkeys(c for tower in towers for c in tower.modules() if isinstance(c, torch.nn.Conv2d)):
+            conv.weight.normal_(0.0, conv.weight[0].numel() ** -0.5)
         model(**(smoke_inputs(model, len(tokenizer))), use_cache=False)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -81,7 +81,7 @@ def _loader(model_type):
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_multimodal_family(model_type, tokenizer, tmp_path):
     from dus_plugin.verify import verify
-    from dus_plugin.vision_inputs import image_prompt, needs_image
+    from dus_plugin.vision_inputs import image_prompt, needs_image, other_image
 
     base = zoo.make_multimodal_model(model_type, tmp_path / "base", tokenizer)
     (base / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor"}))
@@ -89,6 +89,10 @@ def test_multimodal_family(model_type, tokenizer, tmp_path):
     base_model = zc.load_clean(base, loader)
     prompt = image_prompt(base_model)  # built from the model alone
     assert (prompt is None) == (model_type in TEXT_ONLY)
+    if prompt is not None:  # else the checks with the image below would hold whatever the tower computed
+        with torch.no_grad():
+            assert not torch.equal(base_model(**prompt).logits, base_model(**other_image(prompt)).logits), \
+                "the image changes nothing"
     if model_type in SOLAR_ONLY:
         with pytest.raises(PlanError, match=SOLAR_ONLY[model_type]):
             make_recipe(str(base), PlanOptions(method="identity", drop=2))
@@ -111,6 +115,46 @@ def test_multimodal_family(model_type, tokenizer, tmp_path):
             with torch.no_grad():
                 assert torch.equal(model(**prompt).logits, ref(**prompt).logits)
     assert verify(out, quiet=True).image == (prompt is not None)  # dus verify's own forward pass had the image
+
+
+# Families whose vision tower is a timm model. timm imports torchvision, and the package index has no torchvision
+# that loads beside CI's CPU torch (0.28.0 links CUDA's libc10_cuda.so), so these run where torchvision imports:
+# checked in a venv with torch 2.14.1 (its CUDA build, on CPU), torchvision 0.29.1 and timm 1.0.31. Elsewhere (CI)
+# `dus plan` refuses them in one line that names timm.
+TIMM_FAMILIES = ("fast_vlm", "perception_lm")
+TIMM_REFUSED = {"gemma3n": "store_full_length_kv"}  # as its text model in the text zoo: KV sharing by layer index
+
+
+def _torchvision_imports() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # absent, or a CUDA build beside a CPU torch ("operator torchvision::nms does not exist")
+        return False
+    return True
+
+
+TIMM_HERE = _torchvision_imports()
+
+
+@pytest.mark.skipif(not TIMM_HERE, reason="timm towers need torchvision, which does not import here")
+@pytest.mark.parametrize("model_type", TIMM_FAMILIES)
+def test_multimodal_family_with_a_timm_tower(model_type, tokenizer, tmp_path):
+    test_multimodal_family(model_type, tokenizer, tmp_path)
+
+
+@pytest.mark.skipif(not TIMM_HERE, reason="timm towers need torchvision, which does not import here")
+@pytest.mark.parametrize("model_type,words", TIMM_REFUSED.items())
+def test_a_timm_tower_family_whose_tower_cannot_grow_is_refused_in_one_line(model_type, words, tokenizer, tmp_path):
+    base = zoo.make_multimodal_model(model_type, tmp_path / "base", tokenizer)
+    assert_one_line_error(dus("plan", base, "--drop", 2), words)
+
+
+@pytest.mark.skipif(TIMM_HERE, reason="checks the refusal where timm is absent, and it is present here")
+@pytest.mark.parametrize("model_type", [*TIMM_FAMILIES, *TIMM_REFUSED])
+def test_a_timm_tower_family_without_timm_is_refused_in_one_line(model_type, tokenizer, tmp_path):
+    cfg = zoo.tiny_multimodal_config(model_type, vocab=len(tokenizer))
+    cfg.save_pretrained(tmp_path / "base")
+    assert_one_line_error(dus("plan", tmp_path / "base", "--drop", 2), "requires the timm library")
 
 
 def test_the_card_and_plan_say_which_tower_grew(tokenizer, tmp_path):
