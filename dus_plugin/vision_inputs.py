@@ -213,8 +213,9 @@ def _merge_size(config: Any) -> int:
 
 def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int) -> Iterator[dict[str, Any]]:
     """An image already cut into side x side patches, in the layouts families take them (Qwen-VL flattens them
-    with their grid; PaddleOCR-VL and Kimi keep each patch 2-D; Inkling keeps its frames; SigLIP 2 pads them with a mask; Gemma 4 gives
-    each patch its position; MiniCPM-V lays them in a row; Molmo 2 names the patches each token pools)."""
+    with their grid; PaddleOCR-VL and Kimi keep each patch 2-D; Inkling keeps its frames; SigLIP 2 pads them with a
+    mask; Gemma 4 gives each patch its position; MiniCPM-V lays them in a row; Molmo 2 names the patches each token
+    pools)."""
     import torch
 
     patch = getattr(vision, "patch_size", 14)
@@ -231,7 +232,8 @@ def _patch_shapes(vision: Any, params: Any, side: int, merge: int, channels: int
     yield {"pixel_values": torch.randn(count, temporal, patch, patch, channels, generator=noise)}
     if "spatial_shapes" in params:
         yield {"pixel_values": torch.randn(1, count, pixels, generator=noise),
-               "spatial_shapes": torch.tensor([[side, side]]), "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
+               "spatial_shapes": torch.tensor([[side, side]]),
+               "pixel_attention_mask": torch.ones(1, count, dtype=torch.long)}
     if "image_position_ids" in params:  # Gemma 4 (its encoder-free variant takes merged patches)
         ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         positions = torch.stack([xs, ys], -1).reshape(1, count, 2)

@@ -222,14 +222,15 @@ VISION_OVERRIDES: dict[str, dict[str, Any]] = {
 # Towers beside the vision one (audio, a second vision encoder), and vision towers made of nested encoders, shrunk
 # like the vision tower; "TEXT" stands for the text model's width where the tower's output feeds it
 _OMNI_AUDIO = dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32, output_dim="TEXT")
+# SAM towers (DeepSeek-VL-Hybrid's high-res view, the OCR models' first stage); their initializer_range defaults to
+# 1e-10, whose weights would hide the image
+_SAM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, global_attn_indexes=[1],
+            initializer_range=0.02)
 EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
     "qwen3_omni_moe_thinker": {"audio_config": dict(_OMNI_AUDIO, downsample_hidden_size=32)},
     "qwen2_5_omni_thinker": {"audio_config": _OMNI_AUDIO},
     # (its SAM tower reads a 1024-pixel image by default; features are interpolated to the low-res grid anyway)
-    "deepseek_vl_hybrid": {"high_res_vision_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                          mlp_dim=64, global_attn_indexes=[1], image_size=64,
-                                                          initializer_range=0.02,
-                                                          window_size=2)},
+    "deepseek_vl_hybrid": {"high_res_vision_config": dict(_SAM, image_size=64, window_size=2)},
     "janus": {"vq_config": dict(base_channels=32, latent_channels=32, num_embeddings=256, projection_dim="TEXT",
                                 image_token_embed_dim="TEXT")},
     **{t: {"qformer_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -248,15 +249,11 @@ EXTRA_TOWERS: dict[str, dict[str, dict[str, Any]]] = {
     # Emu3 reads an image as VQ codes, each a token of the text vocabulary (its vocabulary_map names them)
     "emu3": {"vq_config": dict(codebook_size=8, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1,
                                hidden_size=32, attn_resolutions=[])},
-    "unlimited_ocr": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                       mlp_dim=64, global_attn_indexes=[1], initializer_range=0.02,
-                                                       downsample_channels=[32, 32]),  # into the encoder's width
+    "unlimited_ocr": {"vision_config.sam_config": dict(_SAM, downsample_channels=[32, 32]),  # the encoder's width
                       "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                            num_attention_heads=2)},
     # its vision encoder is a language model (Qwen2) over SAM's features
-    "deepseek_ocr2": {"vision_config.sam_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                       mlp_dim=64, global_attn_indexes=[1], initializer_range=0.02,
-                                                       downsample_channels=[32, 32]),
+    "deepseek_ocr2": {"vision_config.sam_config": dict(_SAM, downsample_channels=[32, 32]),
                       "vision_config.encoder_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                            num_attention_heads=2, num_key_value_heads=2,
                                                            vocab_size=64, layer_types=["full_attention"] * 2)},
