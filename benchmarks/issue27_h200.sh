@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 27's H200 rows, one detached job over back-to-back calls on one warm machine (device tool, .carry3 carried):
 #   in order of need: the 10.7B recipe at micro-batch 2 beside micro-batch 1 (BF16), the 2.25B benchmark shape at
-#   micro-batch 8 (more than 80 GB) beside mb5 (54.3% on 2026-12-03), then FP8 at micro-batch 2 and 1, and mb10.
+#   micro-batch 8 (more than 80 GB) beside mb5 (54.3% on 2026-12-03), then FP8 at micro-batch 2 and 1, FP8 with
+#   fp8_weight_cast: per_step (each weight cast once a step) at micro-batch 1 and 2, and mb10.
 #   bash benchmarks/issue27_h200.sh start SECONDS     # first call: install, start the job, wait
 #   bash benchmarks/issue27_h200.sh wait SECONDS      # later calls
 # Each call copies the state so far to $OUT (solar_throughput_h200.json, train_throughput_h200.json, job.log).
@@ -24,7 +25,7 @@ case $1 in
 python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows shipped_mb2,shipped
 python3 $PWD/benchmarks/train_throughput.py --work /tmp/tt --out /tmp/tt/r.json \
   --variants compile+fused+mb8+ga2,compile+fused+mb5+ga4
-python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows fp8_mb2,fp8
+python3 $PWD/benchmarks/solar_throughput.py --work /tmp/sthr --rows fp8_mb2,fp8,fp8_once,fp8_once_mb2
 python3 $PWD/benchmarks/train_throughput.py --work /tmp/tt --out /tmp/tt/r.json --variants compile+fused+mb10+ga2
 JOB
     detach /tmp/job.log bash /tmp/job.sh

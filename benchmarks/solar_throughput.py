@@ -12,7 +12,9 @@ random bf16 weights), seq 4096, 4 sequences per step, every row side by side in 
 - shipped_sdpa: the shipped recipe with attention_backend: sdpa (what auto chose before flex, 2026-12-04);
 - shipped_ga16: 16 sequences per step, so the optimizer step is spread over 4x the tokens;
 - shipped_mb2, fp8_mb2, fp8_mb4: 2 or 4 sequences per micro-batch (of the 4 a step): fp8's tensorwise scaling casts
-  every weight once per micro-batch, so fewer micro-batches cast less (auto checkpointing keeps what fits).
+  every weight once per micro-batch, so fewer micro-batches cast less (auto checkpointing keeps what fits);
+- fp8_once, fp8_once_mb2, fp8_once_limit80: fp8 with fp8_weight_cast: per_step (each weight cast once per optimizer
+  step and kept, 1 byte per decoder weight; the same numbers as torchao's per-matmul casts).
 
 The shipped data settings stay (document_mask: true; the corpus has ~2,500-token documents, so a 4,096-token row
 holds parts of two or three), so attention is masked per document as in a user's run. Rows from before 2026-12-04
@@ -61,6 +63,9 @@ ROWS = {
     "shipped_mb2": {"micro_batch_size": 2},
     "fp8_mb2": {"precision": "fp8", "micro_batch_size": 2, **PROFILE},
     "fp8_mb4": {"precision": "fp8", "micro_batch_size": 4},
+    "fp8_once": {"precision": "fp8", "fp8_weight_cast": "per_step", **PROFILE},
+    "fp8_once_mb2": {"precision": "fp8", "fp8_weight_cast": "per_step", "micro_batch_size": 2},
+    "fp8_once_limit80": {"precision": "fp8", "fp8_weight_cast": "per_step", "memory_limit_gb": 80},
 }
 
 

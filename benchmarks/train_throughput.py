@@ -87,10 +87,10 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
     """The real trainer (dus_plugin.train) on packed text; rate of the last logging window.
 
     Flags: compile (each decoder layer; with wholemodel: the whole model as one graph), fused, ac, gaN (global batch
-    = N micro-batches), fp8 / fp8row (precision fp8, tensorwise / rowwise scaling), fp32 (precision fp32), flash /
-    cudnn / efficient (the SDPA kernel), profile (torch.profiler over 3 steps near the end), keep (export the trained
-    model to WORK/trained/final), fromtrained (start from the model a keep variant trained), seedN (the data order and
-    seed; default 0).
+    = N micro-batches), fp8 / fp8row (precision fp8, tensorwise / rowwise scaling), cast1 (with fp8: weights cast
+    once per optimizer step), fp32 (precision fp32), flash / cudnn / efficient (the SDPA kernel), profile
+    (torch.profiler over 3 steps near the end), keep (export the trained model to WORK/trained/final), fromtrained
+    (start from the model a keep variant trained), seedN (the data order and seed; default 0).
     ``parity``: a real LR schedule and a validation loss at the end, for comparing the loss of two precisions on the
     same text and seed."""
     from dus_plugin.train.config import TrainConfig
@@ -106,6 +106,7 @@ def ours(folder: Path, seq: int, micro: int, steps: int, flags: set[str], data: 
         "optimizer": {"lr": 3e-4 if parity else 1e-5},
         "schedule": {"kind": "cosine", "warmup_steps": 20 if parity else 0},
         "precision": precision, "fp8_recipe": "rowwise" if "fp8row" in flags else "tensorwise",
+        "fp8_weight_cast": "per_step" if "cast1" in flags else "per_matmul",
         "compile": "compile" in flags, "compile_scope": "model" if "wholemodel" in flags else "layers",
         "fused_projections": "fused" in flags, "activation_checkpointing": "ac" in flags,
         "attention_backend": next((f for f in ("flash", "cudnn", "efficient") if f in flags), "auto"),

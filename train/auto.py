@@ -46,6 +46,10 @@ def resolve(cfg: TrainConfig, processes: int, distributed_type: str, device_type
     """Replace every auto setting by its value here; with ``refuse``, raise TrainConfigError when the result
     cannot fit (naming what would)."""
     check_model_folder(cfg.model)
+    if cfg.fp8_weight_cast == "per_step" and distributed_type in memory.SHARDED:
+        raise TrainConfigError(f"fp8_weight_cast: per_step keeps each weight's float8 cast for the step, but under "
+                               f"{distributed_type} each forward gathers the weight anew; set fp8_weight_cast: "
+                               "per_matmul, or train with DDP (train/ddp.yaml)", setting="fp8_weight_cast")
     choices: list[str] = []
     cfg = _kernels(cfg, device_type, choices)
     shape = memory.model_shape(cfg)

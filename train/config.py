@@ -144,6 +144,10 @@ class TrainConfig(Strict):
     float8 (torchao float8 training, CUDA compute capability 8.9+, extra [lowmem]), the rest as bf16."""
     fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
     """torchao's float8 scaling with precision fp8: one scale per tensor, or one per row."""
+    fp8_weight_cast: Literal["per_matmul", "per_step"] = "per_matmul"
+    """precision fp8: cast each weight to float8 in every matmul (torchao's way), or once per optimizer step and
+    keep the cast (1 byte per decoder-layer weight) across the step's micro-batches and recomputed layers; the same
+    numbers bit for bit. per_step needs fp8_recipe tensorwise and one process or DDP (not FSDP or DeepSpeed)."""
     master_weights: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the trained weights and their gradients (precision fp8 too: float8 layers cast either dtype in their
     matmuls). bf16 halves both; it needs optimizer.name: adamw8bit, whose stochastic rounding keeps updates smaller
@@ -198,6 +202,14 @@ class TrainConfig(Strict):
     @classmethod
     def _auto_is_unset(cls, value):
         return None if value == "auto" else value
+
+    @field_validator("fp8_weight_cast")
+    @classmethod
+    def _cast_once_needs_tensorwise(cls, value, info):
+        if value == "per_step" and (info.data.get("precision"), info.data.get("fp8_recipe")) != ("fp8", "tensorwise"):
+            raise ValueError("per_step is for precision: fp8 with fp8_recipe: tensorwise (one scale per weight, the "
+                             "same in forward and backward); set those, or fp8_weight_cast: per_matmul")
+        return value
 
     @field_validator("activation_checkpointing", mode="before")
     @classmethod

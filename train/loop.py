@@ -99,7 +99,7 @@ def _load_model(cfg: TrainConfig, accelerator):
     if cfg.precision == "fp8":
         from dus_plugin.train.fp8 import to_float8
 
-        to_float8(model, cfg.fp8_recipe)
+        to_float8(model, cfg.fp8_recipe, cfg.fp8_weight_cast)
     _checkpoint_layers(cfg, model, arch)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     return model, tokenizer

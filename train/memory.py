@@ -3,7 +3,8 @@
 The estimate is arithmetic over the config and the model's parameter counts (built on the meta device):
 
 - weights: 4 bytes per parameter with fp32 master weights, 2 with bf16; frozen weights (train_only) of a bf16
-  checkpoint stay bf16 under bf16 compute, since autocast would round them to bf16 anyway;
+  checkpoint stay bf16 under bf16 compute, since autocast would round them to bf16 anyway; with
+  ``fp8_weight_cast: per_step``, one more byte per decoder-layer parameter for the kept float8 casts;
 - gradients: the same per *trained* parameter (DDP keeps a second copy in its communication buckets);
 - optimizer: AdamW 8 bytes per trained parameter; torchao's 8-bit AdamW 2 bytes plus a float scale per
   256-value block (tensors under 4096 values keep plain states); its compiled step keeps no float32 copy;
@@ -152,6 +153,8 @@ def estimate(cfg: TrainConfig, shape: ModelShape, processes: int = 1, distribute
     wbytes = 2 if cfg.master_weights == "bf16" else 4
     shards = processes if distributed_type in SHARDED else 1
     weights = (shape.trainable * wbytes + (shape.params - shape.trainable) * shape.frozen_bytes) / shards
+    if cfg.fp8_weight_cast == "per_step":  # a float8 copy of every decoder-layer weight, kept across the step
+        weights += shape.layers * shape.layer_params
     gradients = shape.trainable * wbytes / shards * (2 if distributed_type == "MULTI_GPU" else 1)
     if cfg.optimizer.name == "adamw8bit":
         optimizer = shape.low_bit_state_bytes / shards
