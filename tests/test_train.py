@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from dus_plugin.train.config import TrainConfigError, load_train_config
@@ -542,14 +543,28 @@ def test_an_unusable_data_source_is_refused_before_the_model_loads(tmp_path, tin
         train(load_train_config(cfg), quiet=True)
 
 
-def _float8_run(folder, weight_cast: str, stale: bool = False) -> tuple[list[float], list[torch.Tensor]]:
+class _WeightAmaxes(TorchDispatchMode):
+    """Counts torch.abs over a weight's storage: each float8 cast of a weight starts with one (its amax)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.weights = {p.data_ptr() for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.abs.default and args[0].data_ptr() in self.weights:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _float8_run(folder, weight_cast: str, stale: bool = False) -> tuple[list[float], list[torch.Tensor], int, int]:
     """Two SGD steps (in-place updates, as every optimizer's) of two micro-batches each through the float8 layers;
-    the losses and the final weights."""
+    the losses, the final weights, the weight casts made and the float8 layers."""
     from dus_plugin.train.fp8 import float8_layers
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
-    assert float8_layers(model, "tensorwise", weight_cast) >= 4
+    layers = float8_layers(model, "tensorwise", weight_cast)
     if stale:  # the defect the version check exists to catch: a cast made once and never renewed
         for m in model.modules():
             if hasattr(m, "refresh_cast"):
@@ -557,27 +572,32 @@ def _float8_run(folder, weight_cast: str, stale: bool = False) -> tuple[list[flo
                 m.refresh_cast = lambda: None
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []
-    for step in range(2):
-        for k in range(2):
-            ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2 * step + k))
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            losses.append(loss.item())
-        opt.step()
-        opt.zero_grad()
-    return losses, [p.detach().clone() for p in model.parameters()]
+    with _WeightAmaxes(model) as casts:
+        for step in range(2):
+            for k in range(2):
+                ids = torch.randint(0, model.config.vocab_size, (2, 32),
+                                    generator=torch.Generator().manual_seed(2 * step + k))
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                losses.append(loss.item())
+            opt.step()
+            opt.zero_grad()
+    return losses, [p.detach().clone() for p in model.parameters()], casts.count, layers
 
 
 def test_fp8_weights_cast_once_per_step_train_bit_for_bit_as_torchao(tiny_dus):
     """fp8_weight_cast: per_step reuses each weight's tensorwise cast across micro-batches; torch runs float8
-    matmuls on the CPU too, so the claim is checked here exactly: the same losses, the same weights after two steps.
+    matmuls on the CPU too, so the claim is checked here exactly: the same losses, the same weights after two steps,
+    and a quarter of the casts (torchao casts each weight in forward and in backward, in both micro-batches).
     (Checked by hand on 2026-12-08: the same holds compiled per layer, and torchao's compiled AdamW8bit step bumps
     ``Tensor._version`` as SGD does; both cost 20-60 s of compiling here.)"""
-    ref_losses, ref_weights = _float8_run(tiny_dus, "per_matmul")
-    losses, weights = _float8_run(tiny_dus, "per_step")
+    ref_losses, ref_weights, ref_casts, layers = _float8_run(tiny_dus, "per_matmul")
+    losses, weights, casts, _ = _float8_run(tiny_dus, "per_step")
+    assert layers >= 4 and (ref_casts, casts) == (2 * 2 * 2 * layers, 2 * layers)
     assert losses == ref_losses
     assert all(torch.equal(a, b) for a, b in zip(weights, ref_weights))
-    stale_losses, _ = _float8_run(tiny_dus, "per_step", stale=True)
+    stale_losses, _, stale_casts, _ = _float8_run(tiny_dus, "per_step", stale=True)
+    assert stale_casts == 0  # made before the counter started, never renewed
     assert stale_losses[:2] == ref_losses[:2] and stale_losses[2:] != ref_losses[2:]
 
 
