@@ -130,7 +130,7 @@ def _build_cast_once():
                 raise TrainConfigError("fp8_weight_cast: per_step needs fp8_recipe: tensorwise (a row-wise cast "
                                        "differs between forward and backward)", setting="fp8_weight_cast")
             self._weight_fp8_t = None  # frees the old cast before the new one is made
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # a cast made in an eval stays usable
                 self._weight_fp8_t = hp_tensor_to_float8_dynamic(
                     self.weight.t(), c.cast_config_weight.target_dtype, self.linear_mm_config,
                     gemm_input_role=GemmInputRole.WEIGHT, round_scales_to_power_of_2=c.round_scales_to_power_of_2)
