@@ -612,6 +612,10 @@ def test_fp8_weight_cast_per_step_is_planned_and_refused_where_it_cannot_work(tm
     assert extra == shape.layers * shape.layer_params  # one byte per decoder-layer weight
     with pytest.raises(TrainConfigError, match="fp8_weight_cast: per_step.*FSDP.*per_matmul"):
         auto.resolve(once, 2, "FSDP", "cpu")
+    from dus_plugin.train.fp8 import float8_layers
+
+    with pytest.raises(TrainConfigError, match="fp8_weight_cast: per_step needs fp8_recipe: tensorwise"):
+        float8_layers(torch.nn.Linear(16, 16), "rowwise", "per_step")
     with pytest.raises(TrainConfigError, match="field fp8_weight_cast.*tensorwise"):
         load_train_config(make_config(tmp_path / "c", tiny_dus, fp8_weight_cast="per_step", **{
             **settings, "fp8_recipe": "rowwise"}))

@@ -14,6 +14,7 @@ FSDP's float8 all-gather; a sharded weight is gathered anew each forward, so the
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -56,6 +57,9 @@ def float8_layers(model: nn.Module, recipe: str, weight_cast: str = "per_matmul"
     except ImportError:
         raise TrainConfigError("precision fp8 needs torchao: pip install 'dus-plugin[lowmem]'",
                                setting="precision") from None
+    if weight_cast == "per_step" and recipe != "tensorwise":
+        raise TrainConfigError("fp8_weight_cast: per_step needs fp8_recipe: tensorwise (a row-wise cast differs "
+                               "between forward and backward)", setting="fp8_weight_cast")
     config = Float8LinearConfig.from_recipe_name(recipe)
     layer = _cast_once_class() if weight_cast == "per_step" else _torchao_class()
     count = sum(_convertible(m, n) for n, m in model.named_modules())
@@ -84,19 +88,9 @@ def _torchao_class():
     return Float8Linear
 
 
-_CAST_ONCE = None
-
-
+@functools.cache
 def _cast_once_class():
     """Float8Linear whose weight is cast once per change of the weight (built on first use: torchao is optional)."""
-    global _CAST_ONCE
-    if _CAST_ONCE is None:
-        _CAST_ONCE = _build_cast_once()
-    return _CAST_ONCE
-
-
-def _build_cast_once():
-    from torchao.float8.config import ScalingGranularity
     from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
     from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
     from torchao.float8.float8_training_tensor import GemmInputRole
@@ -126,9 +120,6 @@ def _build_cast_once():
             if current == self._cast_of:
                 return
             c = self.config
-            if c.cast_config_weight.scaling_granularity is not ScalingGranularity.TENSORWISE:
-                raise TrainConfigError("fp8_weight_cast: per_step needs fp8_recipe: tensorwise (a row-wise cast "
-                                       "differs between forward and backward)", setting="fp8_weight_cast")
             self._weight_fp8_t = None  # frees the old cast before the new one is made
             with torch.inference_mode(False), torch.no_grad():  # a cast made in an eval stays usable
                 self._weight_fp8_t = hp_tensor_to_float8_dynamic(
