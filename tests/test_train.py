@@ -610,6 +610,7 @@ def test_fp8_weight_cast_per_step_is_planned_and_refused_where_it_cannot_work(tm
     shape = memory.model_shape(once)
     extra = memory.estimate(once, shape).weights - memory.estimate(plain, shape).weights
     assert extra == shape.layers * shape.layer_params  # one byte per decoder-layer weight
+    assert "fp8_weight_cast: per_step" in auto.resolve(once, 1, "NO", "cpu").report()
     with pytest.raises(TrainConfigError, match="fp8_weight_cast: per_step.*FSDP.*per_matmul"):
         auto.resolve(once, 2, "FSDP", "cpu")
     from dus_plugin.train.fp8 import float8_layers

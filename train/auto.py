@@ -53,6 +53,9 @@ def resolve(cfg: TrainConfig, processes: int, distributed_type: str, device_type
     choices: list[str] = []
     cfg = _kernels(cfg, device_type, choices)
     shape = memory.model_shape(cfg)
+    if cfg.fp8_weight_cast == "per_step":
+        choices.append(f"fp8_weight_cast: per_step (each weight cast to float8 once a step; the kept casts, "
+                       f"{memory.size(shape.layers * shape.layer_params)}, count as weights)")
     capacity = memory.capacity(cfg, device_type, processes)
     if cfg.activation_checkpointing == "auto":
         cfg = _checkpointing(cfg, shape, processes, distributed_type, capacity, choices)
