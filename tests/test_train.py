@@ -601,6 +601,16 @@ def test_fp8_weights_cast_once_per_step_train_bit_for_bit_as_torchao(tiny_dus):
     assert stale_losses[:2] == ref_losses[:2] and stale_losses[2:] != ref_losses[2:]
 
 
+def test_fp8_weights_cast_once_per_step_under_ddp_match_torchao_on_every_rank(tiny_dus):
+    """2 CPU ranks (gloo): DDP's broadcast renews casts made before it; accumulation under no_sync is exact."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(REPO / "tests" / "fp8_ddp_check.py"), str(tiny_dus)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert proc.returncode == 0 and [line.split()[2] for line in lines] == ["equal", "equal"], proc.stderr[-3000:]
+    assert lines[0].split(" ", 3)[3] != lines[1].split(" ", 3)[3]  # the ranks saw different data
+
+
 def test_fp8_weight_cast_per_step_is_planned_and_refused_where_it_cannot_work(tmp_path, tiny_dus):
     from dus_plugin.train import auto, memory
 
