@@ -53,6 +53,7 @@ def float8_layers(model: nn.Module, recipe: str, weight_cast: str = "per_matmul"
     """``to_float8`` without the device check (torch's float8 matmuls also run, slowly, on a CPU)."""
     try:
         from torchao.float8 import Float8LinearConfig
+        from torchao.float8.float8_linear import Float8Linear
         from torchao.float8.float8_linear_utils import swap_linear_layers
     except ImportError:
         raise TrainConfigError("precision fp8 needs torchao: pip install 'dus-plugin[lowmem]'",
@@ -61,7 +62,7 @@ def float8_layers(model: nn.Module, recipe: str, weight_cast: str = "per_matmul"
         raise TrainConfigError("fp8_weight_cast: per_step needs fp8_recipe: tensorwise (a row-wise cast differs "
                                "between forward and backward)", setting="fp8_weight_cast")
     config = Float8LinearConfig.from_recipe_name(recipe)
-    layer = _cast_once_class() if weight_cast == "per_step" else _torchao_class()
+    layer = _cast_once_class() if weight_cast == "per_step" else Float8Linear
     count = sum(_convertible(m, n) for n, m in model.named_modules())
     swap_linear_layers(model, lambda m: layer.from_float(m, config=config), module_filter_fn=_convertible)
     if weight_cast == "per_step":
@@ -80,12 +81,6 @@ def _refresh_before_forward(model: nn.Module, layers: list) -> None:
             layer.refresh_cast()
 
     model.register_forward_pre_hook(refresh)
-
-
-def _torchao_class():
-    from torchao.float8.float8_linear import Float8Linear
-
-    return Float8Linear
 
 
 @functools.cache
