@@ -1,6 +1,7 @@
 """Run by test_train.py under torch.distributed.run with 2 CPU ranks: DDP training through float8 layers with
 fp8_weight_cast per_step gives the losses of per_matmul, bit for bit, on every rank. Each rank starts from its own
-weights and makes its casts before DDP broadcasts rank 0's, so those casts must be renewed. Prints one line per rank."""
+weights and makes its casts before DDP broadcasts rank 0's, so those casts must be renewed. Rank 0 prints a line per
+rank."""
 
 import sys
 
@@ -39,4 +40,7 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     reference, cast_once = losses(sys.argv[1], "per_matmul", rank), losses(sys.argv[1], "per_step", rank)
-    print(f"rank {rank}: {'equal' if reference == cast_once else 'DIFFERENT'} {cast_once}")
+    lines = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, f"rank {rank}: {'equal' if reference == cast_once else 'DIFFERENT'} {cast_once}")
+    if rank == 0:  # one writer: two ranks printing at once can share a line
+        print("\n".join(lines), flush=True)
