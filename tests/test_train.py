@@ -601,6 +601,59 @@ def test_fp8_weights_cast_once_per_step_train_bit_for_bit_as_torchao(tiny_dus):
     assert stale_losses[:2] == ref_losses[:2] and stale_losses[2:] != ref_losses[2:]
 
 
+def _compiled_weight_work(weight_cast: str) -> dict[str, tuple[int, int]]:
+    """Forward and backward graphs of a two-linear block as torch.compile makes them (AOTAutograd with inductor's
+    min-cut partition): how many weight amaxes and weight casts to float8 each holds."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    from dus_plugin.train.fp8 import float8_layers
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, _inputs):
+            graphs[name] = gm.graph
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    block = torch.nn.Module()
+    block.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False), torch.nn.SiLU(),
+                                                            torch.nn.Linear(512, 256, bias=False))])
+    block = block.to(torch.bfloat16)
+    float8_layers(block, "tensorwise", weight_cast)
+    for layer in block.modules():
+        getattr(layer, "refresh_cast", lambda: None)()  # as the whole model's pre-hook does
+    torch._dynamo.reset()
+    compiled = torch.compile(block.layers[0], backend=aot_autograd(
+        fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=min_cut_rematerialization_partition))
+    compiled(torch.randn(64, 256, dtype=torch.bfloat16, requires_grad=True)).sum().backward()
+    weights = {(512, 256), (256, 512)}  # 64 tokens: no activation has a weight's shape
+
+    def val(node):
+        return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+    def counts(graph):
+        amaxes = casts = 0
+        for node in graph.nodes:
+            source = node.args[0] if node.op == "call_function" and node.args else None
+            if val(source) is None or tuple(val(source).shape) not in weights:
+                continue
+            amaxes += node.target is torch.ops.aten.abs.default
+            casts += val(node) is not None and val(node).dtype == torch.float8_e4m3fn != val(source).dtype
+        return amaxes, casts
+
+    return {name: counts(graph) for name, graph in graphs.items()}
+
+
+def test_fp8_compiled_per_step_graphs_hold_no_weight_cast():
+    """What compile leaves of torchao's weight casts: forward computes each weight's amax and cast, saves the amax,
+    and backward casts the weight again. With per_step neither graph touches a weight."""
+    assert _compiled_weight_work("per_matmul") == {"forward": (2, 2), "backward": (0, 2)}
+    assert _compiled_weight_work("per_step") == {"forward": (0, 0), "backward": (0, 0)}
+
+
 def test_fp8_weights_cast_once_per_step_under_ddp_match_torchao_on_every_rank(tiny_dus):
     """2 CPU ranks (gloo): DDP's broadcast renews casts made before it; accumulation under no_sync is exact."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
