@@ -63,13 +63,13 @@ def float8_layers(model: nn.Module, recipe: str, weight_cast: str = "per_matmul"
                                "between forward and backward)", setting="fp8_weight_cast")
     config = Float8LinearConfig.from_recipe_name(recipe)
     layer = _cast_once_class() if weight_cast == "per_step" else Float8Linear
-    count = sum(_convertible(m, n) for n, m in model.named_modules())
     swap_linear_layers(model, lambda m: layer.from_float(m, config=config), module_filter_fn=_convertible)
+    swapped = [m for m in model.modules() if isinstance(m, layer)]
     if weight_cast == "per_step":
-        _refresh_before_forward(model, [m for m in model.modules() if isinstance(m, layer)])
-    LOG.info("float8 (%s scaling) for %d linear layers, weights cast %s", recipe, count,
+        _refresh_before_forward(model, swapped)
+    LOG.info("float8 (%s scaling) for %d linear layers, weights cast %s", recipe, len(swapped),
              "once per optimizer step" if weight_cast == "per_step" else "in every matmul")
-    return count
+    return len(swapped)
 
 
 def _refresh_before_forward(model: nn.Module, layers: list) -> None:
